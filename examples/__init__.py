@@ -1,0 +1,1 @@
+"""Examples of fine-tuning with optax-sam."""

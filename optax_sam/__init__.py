@@ -1,0 +1,17 @@
+"""optax-sam: sharpness-aware and subnetwork fine-tuning optimizers as Optax transforms."""
+
+from optax_sam import fisher
+from optax_sam import perturbations
+from optax_sam.core.loss import PerExampleLoss
+from optax_sam.core.loss import batch_mean
+from optax_sam.core.loss import microbatched_loss
+from optax_sam.core.sharpness import SharpnessAwareState
+from optax_sam.core.sharpness import sharpness_aware
+from optax_sam.methods.asam import asam
+from optax_sam.methods.fsam import fsam
+from optax_sam.methods.gasam import gasam
+from optax_sam.methods.sam import sam
+
+# -- issue 3 methods (delta_sam, per_instance_sam, dps, child_tuning) are added below --
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The shared machinery: the sharpness-aware mechanism, the loss_fn contract, numerics."""

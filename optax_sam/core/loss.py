@@ -1,0 +1,169 @@
+"""The ``loss_fn`` calling convention shared by every method.
+
+Methods that need more than the clean gradient receive the loss as an extra argument::
+
+  updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+
+``loss_fn`` takes the parameters and returns the loss of each example of the current
+batch, shape ``[batch]`` (a scalar loss is accepted by methods that only need the batch
+gradient). It must close over the same batch and dropout key the caller used for the
+clean gradient. An optional extra argument ``example_mask`` (shape ``[batch]``, 1 for real
+rows, 0 for padding) makes every batch mean a masked mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[[Any], jax.Array]
+
+_CALLING_CONVENTION = (
+    "pass it as a keyword argument: tx.update(grads, state, params, "
+    "loss_fn=lambda p: per_example_losses(p, batch)), where the function returns the "
+    "loss of each example of the batch the gradient came from (shape [batch])")
+
+
+class PerExampleLoss:
+  """A ``loss_fn`` built from a single-example loss, with fast per-example gradients.
+
+  Calling it maps ``example_loss`` over the leading axis of ``batch`` with ``jax.vmap``
+  and returns the per-example losses, so it satisfies the ``loss_fn`` convention. Methods
+  that need per-example gradients (the per-example Fisher of ``fsam``,
+  ``per_instance_sam``) recognise it and differentiate each example on its own, which
+  costs one backward pass per example rather than one backward pass of the whole batch
+  per example.
+
+  Args:
+    example_loss: ``(params, example) -> scalar``; ``example`` is one row of ``batch``.
+      Put a per-example dropout key in ``batch`` if the model needs one.
+    batch: a pytree whose leaves share a leading batch axis.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_sam
+    >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4)}
+    >>> loss = lambda p, ex: (ex["x"] @ p - ex["y"]) ** 2
+    >>> optax_sam.PerExampleLoss(loss, batch)(jnp.ones(3)).shape
+    (4,)
+  """
+
+  def __init__(self, example_loss: Callable[[Any, Any], jax.Array], batch: Any):
+    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+      raise ValueError(
+          f"PerExampleLoss: every leaf of batch needs the same leading (batch) axis, "
+          f"got sizes {sorted(sizes)}.")
+    self.example_loss = example_loss
+    self.batch = batch
+    self.batch_size = sizes.pop()
+
+  def __call__(self, params: Any) -> jax.Array:
+    return jax.vmap(self.example_loss, in_axes=(None, 0))(params, self.batch)
+
+  def example(self, index: jax.Array) -> Any:
+    """Row ``index`` of the batch (``index`` may be traced)."""
+    return jax.tree.map(lambda x: x[index], self.batch)
+
+
+def require_loss_fn(loss_fn: Optional[LossFn], method: str) -> LossFn:
+  """Raises a ``TypeError`` that says what to pass when ``loss_fn`` is missing."""
+  if loss_fn is None:
+    raise TypeError(f"{method} needs the loss of the current batch: {_CALLING_CONVENTION}.")
+  if not callable(loss_fn):
+    raise TypeError(f"{method}: loss_fn must be callable, got {type(loss_fn).__name__}; "
+                    f"{_CALLING_CONVENTION}.")
+  return loss_fn
+
+
+def require_params(params: Any, method: str) -> Any:
+  if params is None:
+    raise ValueError(f"{method} needs the current parameters: call "
+                     "tx.update(grads, state, params, loss_fn=...).")
+  return params
+
+
+def per_example_losses(loss_fn: LossFn, params: Any, method: str) -> jax.Array:
+  """Calls ``loss_fn`` and checks that it returned one loss per example."""
+  losses = loss_fn(params)
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+        f"{method} needs per-example losses, but loss_fn returned shape "
+        f"{jnp.shape(losses)}. Return the unreduced loss of each example (shape "
+        f"[batch]), e.g. optax.softmax_cross_entropy_with_integer_labels(logits, labels) "
+        f"without the .mean().")
+  return losses
+
+
+def batch_mean(losses: jax.Array, example_mask: Optional[jax.Array] = None) -> jax.Array:
+  """Mean of ``losses`` over real examples; a scalar loss is returned as it is.
+
+  Accumulated in float32. With ``example_mask`` (1 real, 0 padding), padded rows count
+  for nothing; an all-padding batch gives 0 rather than NaN.
+  """
+  losses = jnp.asarray(losses).astype(jnp.float32)
+  if losses.ndim == 0:
+    return losses
+  if example_mask is None:
+    return jnp.mean(losses)
+  weights = jnp.asarray(example_mask, jnp.float32)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def mean_loss_gradient(loss_fn: LossFn, params: Any,
+                       example_mask: Optional[jax.Array] = None) -> Any:
+  """Gradient of the (masked) batch-mean loss, in the dtypes of ``params``."""
+  return jax.grad(lambda p: batch_mean(loss_fn(p), example_mask))(params)
+
+
+def microbatched_loss(
+    batch_loss: Callable[[Any, Any], jax.Array],
+    batch: Any,
+    num_microbatches: int,
+) -> LossFn:
+  """A ``loss_fn`` that evaluates ``batch`` in ``num_microbatches`` sequential pieces.
+
+  This is the gradient-accumulation path for the sharpness-aware methods. Wrapping them
+  in ``optax.MultiSteps`` is wrong for SAM: MultiSteps calls the inner transform on every
+  micro-step (discarding all but the last result), so the second gradient pass runs
+  k times per update and the one that is kept sees only the last micro-batch. Instead,
+  build the loss of the whole batch from micro-batches: the forward and backward passes
+  run one micro-batch at a time under ``lax.scan`` with ``jax.checkpoint``, so activation
+  memory is that of one micro-batch, and both the clean gradient and the gradient at
+  ``w + ε`` are exactly those of the full batch, each computed once.
+
+  Args:
+    batch_loss: ``(params, microbatch) -> per-example losses [micro_batch]``.
+    batch: pytree whose leaves share a leading axis divisible by ``num_microbatches``.
+    num_microbatches: how many pieces to split the batch into.
+
+  Returns:
+    ``loss_fn(params) -> [batch]`` per-example losses, in batch order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_sam
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros(8)}
+    >>> per_batch = lambda p, b: (b["x"] @ p - b["y"]) ** 2
+    >>> loss_fn = optax_sam.microbatched_loss(per_batch, batch, num_microbatches=4)
+    >>> loss_fn(jnp.ones(3)).shape
+    (8,)
+  """
+  if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) \
+      or num_microbatches < 1:
+    raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}.")
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or next(iter(sizes)) % num_microbatches:
+    raise ValueError(
+        f"microbatched_loss: every leaf of batch needs the same leading axis, divisible "
+        f"by num_microbatches={num_microbatches}; got leading sizes {sorted(sizes)}.")
+  size = sizes.pop()
+  pieces = jax.tree.map(
+      lambda x: x.reshape((num_microbatches, size // num_microbatches) + x.shape[1:]),
+      batch)
+
+  def loss_fn(params: Any) -> jax.Array:
+    body = jax.checkpoint(lambda micro: batch_loss(params, micro))
+    return jax.lax.map(body, pieces).reshape(size)
+
+  return loss_fn

@@ -1,0 +1,94 @@
+"""The sharpness-aware mechanism: the one place that evaluates the gradient at ``w + ε``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import optax
+
+from optax_sam.core import loss as loss_lib
+from optax_sam.core import numerics
+
+
+class SharpnessAwareState(NamedTuple):
+  """State of :func:`sharpness_aware`: the perturbation's own state."""
+  perturbation_state: optax.OptState
+
+
+def sharpness_aware(
+    perturbation: optax.GradientTransformation,
+    *,
+    axis_name: Optional[str] = None,
+    method: str = "sharpness_aware",
+) -> optax.GradientTransformationExtraArgs:
+  """Replaces the clean gradient by the gradient at the perturbed point ``w + ε``.
+
+  Each step: ``ε = perturbation(g)`` from the clean gradient ``g`` (the incoming
+  updates), then the gradient of the batch-mean loss at ``w + ε`` is evaluated through
+  the ``loss_fn`` extra argument and handed to the rest of the chain. ``w`` itself never
+  moves to ``w + ε``. Every sharpness-aware method of this library is this transform
+  around a different perturbation; compose your own from the pieces in
+  ``optax_sam.perturbations``.
+
+  A perturbation is any optax transformation mapping the clean gradient to ``ε``. It may
+  be stateful and may read ``params``, ``loss_fn`` and the other extra arguments.
+  A non-finite ``ε`` is replaced by zero, so the descent gradient falls back to the plain
+  gradient at ``w``; a non-finite clean gradient passes through as non-finite, for
+  ``optax.apply_if_finite`` to reject the step.
+
+  Args:
+    perturbation: maps the clean gradient to the ascent perturbation ``ε``.
+    axis_name: for a per-device perturbation ("m-sharpness") inside ``shard_map`` or
+      ``pmap``: the incoming gradient is the device-local one, ``ε`` is built from it, and
+      the gradient at ``w + ε`` is averaged over ``axis_name``. Leave ``None`` for the
+      usual global perturbation (also under ``jax.jit`` with a sharded batch, where the
+      gradients are already global).
+    method: the name used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` and the
+    ``loss_fn`` extra argument, and accepts ``example_mask``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_sam
+    >>> from optax_sam import perturbations
+    >>> tx = optax.chain(
+    ...     optax_sam.sharpness_aware(perturbations.scale_to_radius(0.05)),
+    ...     optax.sgd(0.1))
+    >>> params = jnp.array([1.0, -2.0])
+    >>> loss_fn = lambda p: jnp.sum(p ** 2, keepdims=True)
+    >>> grads = jax.grad(lambda p: loss_fn(p).mean())(params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
+  """
+  perturbation = optax.with_extra_args_support(perturbation)
+
+  def init_fn(params: optax.Params) -> SharpnessAwareState:
+    return SharpnessAwareState(perturbation_state=perturbation.init(params))
+
+  def update_fn(
+      updates: optax.Updates,
+      state: SharpnessAwareState,
+      params: Optional[optax.Params] = None,
+      *,
+      loss_fn: Optional[loss_lib.LossFn] = None,
+      example_mask: Optional[jax.Array] = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, SharpnessAwareState]:
+    loss_fn = loss_lib.require_loss_fn(loss_fn, method)
+    params = loss_lib.require_params(params, method)
+    epsilon, perturbation_state = perturbation.update(
+        updates, state.perturbation_state, params,
+        loss_fn=loss_fn, example_mask=example_mask, **extra_args)
+    epsilon = numerics.zero_if_not_finite(epsilon)
+    perturbed = jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, epsilon)
+    descent = loss_lib.mean_loss_gradient(loss_fn, perturbed, example_mask)
+    if axis_name is not None:
+      descent = jax.lax.pmean(descent, axis_name)
+    descent = numerics.tree_cast_like(descent, updates)
+    # The gradient at w + ε does not read the clean gradient, so a non-finite clean
+    # gradient would otherwise vanish here; keep it visible to a later finiteness guard.
+    descent = numerics.nan_unless_finite(descent, updates)
+    return descent, SharpnessAwareState(perturbation_state=perturbation_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

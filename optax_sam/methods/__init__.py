@@ -1,0 +1,1 @@
+"""One file per method: each a thin composition of the mechanism and its pieces."""
