@@ -13,5 +13,13 @@ from optax_sam.methods.gasam import gasam
 from optax_sam.methods.sam import sam
 
 # -- issue 3 methods (delta_sam, per_instance_sam, dps, child_tuning) are added below --
+from optax_sam import subnetworks
+from optax_sam.methods.delta_sam import delta_sam
+from optax_sam.methods.per_instance_sam import per_instance_sam
+from optax_sam.subnetworks.child_tuning import child_tuning_d
+from optax_sam.subnetworks.child_tuning import child_tuning_d_mask
+from optax_sam.subnetworks.child_tuning import child_tuning_f
+from optax_sam.subnetworks.dps import dps
+from optax_sam.subnetworks.dps import dps_frozen
 
 __version__ = "0.1.0"

@@ -25,12 +25,29 @@ def batch_size_of(loss_fn: loss_lib.LossFn, params: Any, method: str) -> int:
   return shape[0]
 
 
+def _replicate_if_explicitly_sharded(x: jax.Array) -> jax.Array:
+  """Gathers an array sharded over explicit mesh axes, so rows can be picked by index.
+
+  With explicit sharding (the default of ``jax.make_mesh``) JAX refuses to slice single
+  rows out of a sharded axis; on auto-sharded or unsharded arrays this is a no-op.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  if mesh is None or not any(t == explicit for t in getattr(mesh, "axis_types", ())):
+    return x
+  if all(axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def _example_loss(loss_fn: loss_lib.LossFn, index: jax.Array) -> ExampleLoss:
   if isinstance(loss_fn, loss_lib.PerExampleLoss):
-    example = loss_fn.example(index)
+    batch = jax.tree.map(_replicate_if_explicitly_sharded, loss_fn.batch)
+    example = jax.tree.map(lambda x: x[index], batch)
     return lambda p: loss_fn.example_loss(p, example)
   # Any loss_fn works, at the price of a whole-batch forward per example.
-  return lambda p: loss_fn(p)[index]
+  return lambda p: _replicate_if_explicitly_sharded(loss_fn(p))[index]
 
 
 def sum_over_examples(

@@ -12,3 +12,5 @@ from optax_sam.perturbations.gradient_strength import update_strength
 from optax_sam.perturbations.parameter_scaling import scale_by_parameter_magnitude
 from optax_sam.perturbations.radius import ScaleToRadiusState
 from optax_sam.perturbations.radius import scale_to_radius
+from optax_sam.perturbations.reweighting import ReweightedAscentState
+from optax_sam.perturbations.reweighting import reweighted_ascent
