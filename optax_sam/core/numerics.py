@@ -7,6 +7,7 @@ from typing import Any, Callable, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -51,6 +52,54 @@ def nan_unless_finite(tree: Any, reference: Any) -> Any:
   """Returns ``tree``, or NaNs of its shape if any leaf of ``reference`` is not finite."""
   finite = tree_all_finite(reference)
   return jax.tree.map(lambda x: jnp.where(finite, x, jnp.full_like(x, jnp.nan)), tree)
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The ``shard_map`` mesh axes over which ``x`` varies (empty outside ``shard_map``)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()) or ())  # earlier releases
+
+
+def device_varying(tree: Any, axis_name: str) -> Any:
+  """Marks replicated leaves as varying over ``axis_name`` inside ``shard_map``.
+
+  The gradient of a device-local loss with respect to a replicated value is summed over
+  the devices by ``shard_map``'s variance tracking; with respect to a varying value it
+  stays local, which is what a per-device perturbation needs. Outside ``shard_map``
+  (no variance tracking) the tree is returned as it is.
+  """
+  def cast(x):
+    if axis_name in varying_axes(x) or not _inside_shard_map(axis_name):
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+  return jax.tree.map(cast, tree)
+
+
+def match_varying(tree: Any, like: Any) -> Any:
+  """Casts ``tree`` to vary over every ``shard_map`` axis some leaf of ``like`` varies over.
+
+  Lets per-device state (a mask kept from an earlier step) and a freshly computed,
+  device-varying value be the two branches of one ``lax.cond``.
+  """
+  axes = tuple(sorted(frozenset().union(*map(varying_axes, jax.tree.leaves(like)))))
+  if not axes:
+    return tree
+  def cast(x):
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(cast, tree)
+
+
+def _inside_shard_map(axis_name: str) -> bool:
+  """True when ``axis_name`` is a manual (``shard_map``) axis of the current trace."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = getattr(jax.sharding.AxisType, "Manual", None)
+  names = getattr(mesh, "axis_names", ()) or ()
+  types = getattr(mesh, "axis_types", ()) or ()
+  return any(n == axis_name and t == manual for n, t in zip(names, types))
 
 
 def value_at(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
@@ -107,7 +156,13 @@ def check_range(
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
   """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    hint = ""
+    if isinstance(value, (jax.Array, np.ndarray)):
+      # optax.inject_hyperparams turns every numeric argument into an array.
+      hint = (f" It fixes shapes or loop lengths, so it cannot be an array or a traced "
+              f"value; with optax.inject_hyperparams, list it in "
+              f"static_args=({name!r},).")
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.{hint}")
 
 
 def safe_increment(count: chex.Array) -> chex.Array:

@@ -40,10 +40,15 @@ def sharpness_aware(
   Args:
     perturbation: maps the clean gradient to the ascent perturbation ``ε``.
     axis_name: for a per-device perturbation ("m-sharpness") inside ``shard_map`` or
-      ``pmap``: the incoming gradient is the device-local one, ``ε`` is built from it, and
-      the gradient at ``w + ε`` is averaged over ``axis_name``. Leave ``None`` for the
-      usual global perturbation (also under ``jax.jit`` with a sharded batch, where the
-      gradients are already global).
+      ``pmap``: the incoming gradient must be the device-local one, ``ε`` is built from
+      it, and the gradient at ``w + ε`` is averaged over ``axis_name``. Under
+      ``shard_map`` (which tracks device variance) take the local clean gradient with
+      respect to ``jax.lax.pcast(params, axis_name, to="varying")``: the gradient with
+      respect to replicated parameters is already summed over devices. The
+      perturbation's state (a Fisher mask, a strength average) is then per device too;
+      give it ``out_specs`` that keep it per device. Leave ``None`` for the usual global
+      perturbation (also under ``jax.jit`` with a sharded batch, where the gradients are
+      already global).
     method: the name used in error messages.
 
   Returns:
@@ -82,13 +87,16 @@ def sharpness_aware(
         loss_fn=loss_fn, example_mask=example_mask, **extra_args)
     epsilon = numerics.zero_if_not_finite(epsilon)
     perturbed = jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, epsilon)
+    if axis_name is not None:
+      perturbed = numerics.device_varying(perturbed, axis_name)
     descent = loss_lib.mean_loss_gradient(loss_fn, perturbed, example_mask)
+    # The gradient at w + ε does not read the clean gradient, so a non-finite clean
+    # gradient would otherwise vanish here; keep it visible to a later finiteness guard
+    # (before the pmean, so that every device sees it).
+    descent = numerics.nan_unless_finite(descent, updates)
     if axis_name is not None:
       descent = jax.lax.pmean(descent, axis_name)
     descent = numerics.tree_cast_like(descent, updates)
-    # The gradient at w + ε does not read the clean gradient, so a non-finite clean
-    # gradient would otherwise vanish here; keep it visible to a later finiteness guard.
-    descent = numerics.nan_unless_finite(descent, updates)
     return descent, SharpnessAwareState(perturbation_state=perturbation_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

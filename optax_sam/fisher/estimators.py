@@ -41,7 +41,8 @@ def empirical_fisher(
     Array([1., 1.], dtype=float32)
   """
   def squared_gradient(example_loss, p):
-    return jax.tree.map(jnp.square, jax.grad(example_loss)(p))
+    return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)),
+                        jax.grad(example_loss)(p))
 
   return per_example.sum_over_examples(
       squared_gradient, loss_fn, params, num_examples=num_examples,

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_sam.core import numerics
+
 # float32 +inf as int32: the largest bit pattern of a non-negative, non-NaN float32.
 _INF_BITS = 0x7F800000
 
@@ -38,8 +40,13 @@ def kth_largest(scores: list[jax.Array], k: int) -> jax.Array:
     keep_low = count_at_least(middle) >= k
     return (jnp.where(keep_low, middle, low), jnp.where(keep_low, high, middle))
 
-  low, _ = jax.lax.fori_loop(0, 32, halve,
-                             (jnp.int32(0), jnp.int32(_INF_BITS + 1)))
+  bounds = (jnp.int32(0), jnp.int32(_INF_BITS + 1))
+  # Inside shard_map the counts vary over the devices the scores vary over; the loop's
+  # carry must start with the same type.
+  varying = tuple(sorted(frozenset().union(*(numerics.varying_axes(b) for b in bits))))
+  if varying:
+    bounds = jax.lax.pcast(bounds, varying, to="varying")
+  low, _ = jax.lax.fori_loop(0, 32, halve, bounds)
   return jax.lax.bitcast_convert_type(low, jnp.float32)
 
 

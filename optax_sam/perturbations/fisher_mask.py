@@ -74,6 +74,12 @@ def fisher_mask(
     >>> piece.update(g, piece.init(params), params)[0]["kernel"]
     Array([ 0., -3.,  0.,  2.], dtype=float32)
   """
+  if not numerics.is_concrete_number(keep_ratio):
+    # It sets how many entries the mask keeps, a static size.
+    raise ValueError(
+        f"keep_ratio must be a number in (0, 1], not a schedule or a traced value, got "
+        f"{keep_ratio!r}; with optax.inject_hyperparams, list it in "
+        f"static_args=('keep_ratio',).")
   numerics.check_range("keep_ratio", keep_ratio, low=0.0, high=1.0, low_inclusive=False)
   numerics.check_positive_int("mask_every", mask_every)
   numerics.check_positive_int("fisher_samples", fisher_samples)
@@ -104,10 +110,11 @@ def fisher_mask(
       else:
         scores = estimators.squared_gradient_fisher(updates)
       in_pool = selection_lib.select(params, pool, argument="pool")
-      return topk.global_topk_mask(scores, in_pool, keep_ratio)
+      mask = topk.global_topk_mask(scores, in_pool, keep_ratio)
+      return numerics.match_varying(mask, updates)
 
-    mask = jax.lax.cond(state.count % mask_every == 0, refreshed_mask,
-                        lambda: state.mask)
+    kept_mask = numerics.match_varying(state.mask, updates)
+    mask = jax.lax.cond(state.count % mask_every == 0, refreshed_mask, lambda: kept_mask)
     masked = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
     return masked, FisherMaskState(count=numerics.safe_increment(state.count), mask=mask)
 

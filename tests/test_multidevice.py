@@ -1,0 +1,183 @@
+"""Data parallelism on the 8 fake CPU devices of conftest.py.
+
+Under ``jax.jit`` with the batch sharded along a "data" axis and replicated parameters,
+the gradients are global, so every method must give exactly the single-device step
+(a global perturbation). Inside ``shard_map`` with ``axis_name``, each device builds its
+own ε from its local gradient ("m-sharpness") and the gradients at the perturbed points
+are averaged; that is checked against a float64 loop over the shards.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import optax_sam
+from tests import harness
+
+try:
+  from jax import shard_map
+except ImportError:  # older JAX
+  from jax.experimental.shard_map import shard_map
+
+DEVICES = 8
+PER_DEVICE = 2
+BATCH = DEVICES * PER_DEVICE
+LR = 0.1
+
+METHODS = {
+    "sam": lambda: optax_sam.sam(0.1),
+    "asam": lambda: optax_sam.asam(0.5, 0.01),
+    "fsam_per_example": lambda: optax_sam.fsam(0.1, keep_ratio=0.5, mask_every=2,
+                                               fisher_samples=16, fisher_chunk_size=8),
+    "fsam_squared_gradient": lambda: optax_sam.fsam(0.1, keep_ratio=0.5, mask_every=2,
+                                                    fisher="squared_gradient"),
+    "gasam_1": lambda: optax_sam.gasam(0.1, beta=0.9),
+    "gasam_3": lambda: optax_sam.gasam(0.1, beta=0.9, ascent_steps=3),
+}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert len(jax.devices()) >= DEVICES, "conftest.py should give 8 CPU devices"
+  return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                               rtol=rtol, atol=atol)
+
+
+def max_abs_diff(a, b):
+  return max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_sharded_batch_gives_single_device_step(name, mesh):
+  params, batch = harness.make_problem(batch=BATCH)
+  tx = optax.chain(METHODS[name](), optax.sgd(LR))
+  # The per-example Fisher estimator is fastest with PerExampleLoss; the rest use the
+  # batched forward pass.
+  make_loss = (harness.per_example_loss_fn if name == "fsam_per_example"
+               else harness.batch_loss_fn)
+
+  def two_steps(params, batch):
+    state = tx.init(params)
+    for _ in range(2):
+      loss_fn = make_loss(batch)
+      updates, state = tx.update(harness.clean_grads(loss_fn, params), state, params,
+                                 loss_fn=loss_fn)
+      params = optax.apply_updates(params, updates)
+    return params, state
+
+  step = jax.jit(two_steps)
+  expected = step(params, batch)
+
+  replicated = NamedSharding(mesh, P())
+  sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  assert len(sharded_batch["x"].addressable_shards) == DEVICES
+  assert sharded_batch["x"].addressable_shards[0].data.shape == (PER_DEVICE, 5)
+  params_r = jax.device_put(params, replicated)
+  got = step(params_r, sharded_batch)
+  # It really ran data-parallel: the compiled step reduces across devices.
+  hlo = step.lower(params_r, sharded_batch).compile().as_text()
+  assert "all-reduce" in hlo
+  assert got[0]["kernel"].sharding.is_fully_replicated
+  assert_trees_close(got, expected)
+
+
+# ------------------------------- m-sharpness -------------------------------
+
+def numpy_msharpness_descent(params, batch, perturb):
+  """mean_d ∇L_d(w + ε_d), ε_d = perturb(w, g_d), from each shard alone, in float64."""
+  params = harness.to_numpy(params)
+  total = {k: np.zeros_like(v) for k, v in params.items()}
+  for d in range(DEVICES):
+    shard = jax.tree.map(lambda x: np.asarray(x)[d * PER_DEVICE:(d + 1) * PER_DEVICE], batch)
+    eps = perturb(params, harness.numpy_mean_grad(params, shard))
+    descent = harness.numpy_mean_grad({k: params[k] + eps[k] for k in params}, shard)
+    total = {k: total[k] + descent[k] / DEVICES for k in params}
+  return total
+
+
+def numpy_sam_eps(rho):
+  def perturb(params, grads):
+    del params
+    norm = harness.numpy_norm(grads)
+    return {k: rho * g / norm for k, g in grads.items()}
+  return perturb
+
+
+def numpy_asam_eps(rho, eta):
+  def perturb(params, grads):
+    t = {k: np.abs(w) + eta for k, w in params.items()}
+    norm = harness.numpy_norm({k: t[k] * grads[k] for k in grads})
+    return {k: rho * t[k] ** 2 * grads[k] / norm for k in grads}
+  return perturb
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("factory, perturb", [
+    (lambda axis: optax_sam.sam(0.3, axis_name=axis), numpy_sam_eps(0.3)),
+    (lambda axis: optax_sam.asam(1.0, 0.01, axis_name=axis), numpy_asam_eps(1.0, 0.01)),
+], ids=["sam", "asam"])
+def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh):
+  params, batch = harness.make_problem(batch=BATCH)
+  tx = factory("data")
+
+  def local_step(params, state, local_batch):
+    # Each device hands its LOCAL clean gradient. With check_vma, the gradient with
+    # respect to replicated (invariant) params would already be summed over devices,
+    # so it is taken with respect to a device-varying copy.
+    loss_fn = harness.batch_loss_fn(local_batch)
+    local = jax.lax.pcast(params, "data", to="varying") if check_vma else params
+    grads = harness.clean_grads(loss_fn, local)
+    return tx.update(grads, state, params, loss_fn=loss_fn)
+
+  step = jax.jit(shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P("data")),
+                           out_specs=(P(), P()), check_vma=check_vma))
+  descent, state = step(params, tx.init(params), batch)
+  assert [int(x) for x in jax.tree.leaves(state)] == [1]  # the step count, replicated
+
+  expected = numpy_msharpness_descent(params, batch, perturb)
+  harness.assert_tree_close(descent, expected, rtol=1e-5, atol=1e-6)
+
+  # It is not the global perturbation: ε from the full-batch gradient.
+  params64 = harness.to_numpy(params)
+  batch64 = jax.tree.map(np.asarray, batch)
+  eps = perturb(params64, harness.numpy_mean_grad(params64, batch64))
+  global_descent = harness.numpy_mean_grad(
+      {k: params64[k] + eps[k] for k in params64}, batch64)
+  assert max_abs_diff(descent, global_descent) > 1e-3
+  # And the global one is what the same method without axis_name gives under jit.
+  plain = factory(None)
+  loss_fn = harness.batch_loss_fn(batch)
+  got_global, _ = jax.jit(lambda g, s, p: plain.update(g, s, p, loss_fn=loss_fn))(
+      harness.clean_grads(loss_fn, params), plain.init(params), params)
+  harness.assert_tree_close(got_global, global_descent, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [
+    lambda axis: optax_sam.fsam(0.3, 1.0, fisher="squared_gradient", axis_name=axis),
+    lambda axis: optax_sam.fsam(0.3, 1.0, fisher_chunk_size=2, axis_name=axis),
+], ids=["fsam_squared_gradient", "fsam_per_example"])
+def test_per_device_fisher_mask_under_variance_checks(factory, mesh):
+  """The Fisher top-k runs on device-varying scores; keep_ratio = 1 is per-device SAM."""
+  params, batch = harness.make_problem(batch=BATCH)
+  tx = factory("data")
+
+  def local_descent(params, local_batch):
+    loss_fn = harness.batch_loss_fn(local_batch)
+    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
+    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
+
+  descent = jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
+                              out_specs=P(), check_vma=True))(params, batch)
+  expected = numpy_msharpness_descent(params, batch, numpy_sam_eps(0.3))
+  harness.assert_tree_close(descent, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,143 @@
+"""Bad input fails early, with a message that names the argument and what is allowed."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sam
+from optax_sam import perturbations
+from tests import harness
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: optax_sam.sam(rho=-1.0), "rho must be in [0.0, inf]"),
+    (lambda: optax_sam.sam(rho=0.05, eps=0.0), "eps must be in (0.0, inf]"),
+    (lambda: optax_sam.asam(rho=0.5, eta=-1.0), "eta must be in [0.0, inf]"),
+    (lambda: optax_sam.fsam(keep_ratio=0.0), "keep_ratio must be in (0.0, 1.0]"),
+    (lambda: optax_sam.fsam(keep_ratio=1.5), "keep_ratio must be in (0.0, 1.0]"),
+    (lambda: optax_sam.fsam(mask_every=0), "mask_every must be an integer >= 1"),
+    (lambda: optax_sam.fsam(mask_every=2.5), "mask_every must be an integer >= 1"),
+    (lambda: optax_sam.fsam(fisher="bogus"),
+     "fisher must be 'per_example' or 'squared_gradient'"),
+    (lambda: optax_sam.fsam(fisher_samples=0), "fisher_samples must be an integer >= 1"),
+    (lambda: optax_sam.fsam(fisher_chunk_size=0),
+     "fisher_chunk_size must be an integer >= 1"),
+    (lambda: optax_sam.gasam(beta=1.0), "beta must be in [0.0, 1.0)"),
+    (lambda: optax_sam.gasam(max_scale=0.0), "max_scale must be in (0.0, inf]"),
+    (lambda: optax_sam.gasam(ascent_steps=0), "ascent_steps must be an integer >= 1"),
+    (lambda: perturbations.scale_to_radius(float("nan")), "rho must be in [0.0, inf]"),
+], ids=lambda x: None if callable(x) else x)
+def test_invalid_hyperparameter_raises_value_error(build, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    build()
+
+
+def test_valid_boundaries_are_accepted():
+  optax_sam.sam(rho=0.0)
+  optax_sam.asam(eta=0.0)
+  optax_sam.fsam(keep_ratio=1.0, mask_every=1, fisher_samples=1, fisher_chunk_size=None)
+  optax_sam.gasam(beta=0.0, ascent_steps=1)
+  optax_sam.sam(rho=optax.linear_schedule(0.0, 0.1, 10))  # schedules pass unchecked
+
+
+def _problem():
+  params, batch = harness.make_problem()
+  loss_fn = harness.batch_loss_fn(batch)
+  return params, loss_fn, harness.clean_grads(loss_fn, params)
+
+
+@pytest.mark.parametrize("tx", [
+    optax_sam.sam(0.05), optax_sam.asam(0.5),
+    optax_sam.fsam(0.05, fisher="squared_gradient"), optax_sam.fsam(0.05),
+    optax_sam.gasam(0.05), optax_sam.gasam(0.05, ascent_steps=2),
+], ids=["sam", "asam", "fsam_sq", "fsam_pe", "gasam", "gasam_3"])
+def test_missing_loss_fn_raises_type_error_saying_what_to_pass(tx):
+  params, _, grads = _problem()
+  state = tx.init(params)
+  with pytest.raises(TypeError, match="loss_fn="):
+    jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state, params)
+  chained = optax.chain(tx, optax.sgd(0.1))
+  with pytest.raises(TypeError, match="loss_fn="):
+    jax.eval_shape(lambda g, s, p: chained.update(g, s, p), grads, chained.init(params),
+                   params)
+
+
+def test_non_callable_loss_fn_raises_type_error():
+  params, loss_fn, grads = _problem()
+  tx = optax_sam.sam(0.05)
+  with pytest.raises(TypeError, match="must be callable"):
+    tx.update(grads, tx.init(params), params, loss_fn=loss_fn(params))
+
+
+def test_missing_params_raises():
+  params, loss_fn, grads = _problem()
+  tx = optax_sam.sam(0.05)
+  with pytest.raises(ValueError, match="needs the current parameters"):
+    tx.update(grads, tx.init(params), loss_fn=loss_fn)
+
+
+def test_fsam_per_example_rejects_scalar_loss():
+  params, loss_fn, grads = _problem()
+  scalar_loss = lambda p: loss_fn(p).mean()
+  tx = optax_sam.fsam(0.05, fisher="per_example")
+  with pytest.raises(ValueError, match="per-example losses"):
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p, loss_fn=scalar_loss),
+                   grads, tx.init(params), params)
+  # The squared-gradient estimator needs no per-example losses.
+  tx = optax_sam.fsam(0.05, fisher="squared_gradient")
+  jax.eval_shape(lambda g, s, p: tx.update(g, s, p, loss_fn=scalar_loss),
+                 grads, tx.init(params), params)
+
+
+def test_sam_accepts_a_scalar_loss():
+  params, loss_fn, grads = _problem()
+  tx = optax_sam.sam(0.05)
+
+  @jax.jit
+  def both(grads, params):
+    state = tx.init(params)
+    return (tx.update(grads, state, params, loss_fn=lambda p: loss_fn(p).mean())[0],
+            tx.update(grads, state, params, loss_fn=loss_fn)[0])
+
+  scalar, per_example = both(grads, params)
+  for a, b in zip(jax.tree.leaves(scalar), jax.tree.leaves(per_example)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # ... and it is the perturbed gradient, not the clean one.
+  assert max(float(jnp.max(jnp.abs(a - g))) for a, g in
+             zip(jax.tree.leaves(scalar), jax.tree.leaves(grads))) > 1e-4
+
+
+def test_per_example_loss_rejects_mismatched_leading_axes():
+  _, batch = harness.make_problem()
+  bad = {**batch, "y": batch["y"][:5]}
+  with pytest.raises(ValueError, match=r"same leading \(batch\) axis.*\[5, 8\]"):
+    optax_sam.PerExampleLoss(harness.example_loss, bad)
+  assert optax_sam.PerExampleLoss(harness.example_loss, batch).batch_size == 8
+
+
+def test_structural_arguments_under_inject_hyperparams_say_use_static_args():
+  """inject_hyperparams turns every numeric argument into an array; arguments that fix
+  shapes or loop lengths then fail with a message naming static_args."""
+  params, loss_fn, grads = _problem()
+  with pytest.raises(ValueError, match=re.escape("static_args=('ascent_steps',)")):
+    optax.inject_hyperparams(optax_sam.gasam)(rho=0.05).init(params)
+  with pytest.raises(ValueError, match=re.escape("static_args=('mask_every',)")):
+    optax.inject_hyperparams(optax_sam.fsam)(rho=0.05).init(params)
+  # keep_ratio is fine as a concrete array at init, but traced under jit.
+  tx = optax.inject_hyperparams(
+      optax_sam.fsam, static_args=("mask_every", "fisher_samples", "fisher_chunk_size"))(
+          rho=0.05, fisher="squared_gradient")
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=re.escape("static_args=('keep_ratio',)")):
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn), grads, state, params)
+
+
+def test_keep_ratio_schedule_is_rejected():
+  with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+    optax_sam.fsam(keep_ratio=optax.constant_schedule(0.5))
