@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import chex
 import jax
@@ -165,8 +165,15 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.{hint}")
 
 
+def check_seed(seed: Any) -> None:
+  """Raises ``ValueError`` unless ``seed`` is an integer (Python, NumPy, or 0-d array)."""
+  dtype = getattr(seed, "dtype", None)
+  integer = (isinstance(seed, int) and not isinstance(seed, bool)) or (
+      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(seed) == 0)
+  if not integer:
+    raise ValueError(f"seed must be an integer, got {seed!r}.")
+
+
 def safe_increment(count: chex.Array) -> chex.Array:
   return optax.safe_increment(count)
 
-
-Predicate = Callable[[tuple, jax.Array], bool]

@@ -17,15 +17,6 @@ class ReweightedAscentState(NamedTuple):
   key: jax.Array  # raw uint32[2] PRNG key; split once per step for the random direction
 
 
-def _check_seed(seed: Any) -> None:
-  """``seed`` must be an integer (a Python or NumPy int, or an integer array)."""
-  dtype = getattr(seed, "dtype", None)
-  integer = (isinstance(seed, int) and not isinstance(seed, bool)) or (
-      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(seed) == 0)
-  if not integer:
-    raise ValueError(f"seed must be an integer, got {seed!r}.")
-
-
 def random_direction(key: jax.Array, like: Any, radius: jax.Array) -> Any:
   """A Gaussian direction shaped like ``like``, rescaled to global L2 norm ``radius``.
 
@@ -123,7 +114,7 @@ def reweighted_ascent(
   numerics.check_range("rho", rho, low=0.0)
   numerics.check_range("eta", eta, low=0.0, low_inclusive=False)
   numerics.check_range("eps", eps, low=0.0, low_inclusive=False)
-  _check_seed(seed)
+  numerics.check_seed(seed)
 
   def init_fn(params: optax.Params) -> ReweightedAscentState:
     del params

@@ -21,15 +21,6 @@ class ChildTuningFState(NamedTuple):
   key: jax.Array  # raw uint32[2] PRNG key, split once per step
 
 
-def _check_seed(seed: Any) -> None:
-  """``seed`` must be an integer (a Python or NumPy int, or an integer array)."""
-  dtype = getattr(seed, "dtype", None)
-  integer = (isinstance(seed, int) and not isinstance(seed, bool)) or (
-      dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(seed) == 0)
-  if not integer:
-    raise ValueError(f"seed must be an integer, got {seed!r}.")
-
-
 def bernoulli_masks(key: jax.Array, like: Any, p_keep: jax.Array) -> Any:
   """One ``Bernoulli(p_keep)`` bool mask per leaf of ``like``.
 
@@ -103,7 +94,7 @@ def child_tuning_f(
     >>> updates, state = tx.update(params, tx.init(params), params)
   """
   numerics.check_range("p_keep", p_keep, low=0.0, high=1.0, low_inclusive=False)
-  _check_seed(seed)
+  numerics.check_seed(seed)
   return optax.masked(_child_tuning_f_all_leaves(p_keep, seed),
                       scope_lib.resolve_scope(scope, "child_tuning_f"))
 
