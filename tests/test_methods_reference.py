@@ -205,6 +205,21 @@ def test_per_example_fisher_equals_a_python_loop_over_examples():
   h.assert_tree_close(fisher, loop)
 
 
+def test_per_example_fisher_ignores_padded_rows():
+  params, batch = h.make_problem()
+  example_mask = jnp.array([1, 1, 0, 1, 1, 0, 1, 0], jnp.float32)
+  # With PerExampleLoss rows are independent, so a padded row may even hold junk; a
+  # whole-batch loss_fn shares one backward pass, where 0 · NaN would leak.
+  poisoned = dict(batch, x=batch["x"].at[2].set(jnp.nan))
+  real = np.flatnonzero(np.asarray(example_mask))
+  only_real = jax.tree.map(lambda x: x[real], batch)
+  for make_loss, rows in ((h.per_example_loss_fn, poisoned), (h.batch_loss_fn, batch)):
+    masked = optax_sam.fisher.empirical_fisher(make_loss(rows), params, chunk_size=3,
+                                               example_mask=example_mask)
+    expected = optax_sam.fisher.empirical_fisher(make_loss(only_real), params)
+    h.assert_tree_close(masked, h.to_numpy(expected), rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 5])
 def test_chunked_fisher_equals_unchunked(chunk_size):
   params, batch = h.make_problem()
@@ -273,3 +288,20 @@ def test_two_basin_gradient_descent_ends_in_the_sharp_minimum():
     optax_sam.gasam(0.05)], ids=["sam", "asam", "fsam", "gasam"])
 def test_two_basin_sam_family_ends_in_the_wide_minimum(method):
   assert abs(_descend(method) - WIDE_MINIMUM) < 0.05
+
+
+def test_fsam_step_on_a_padded_batch_equals_the_step_on_its_real_rows():
+  params, batch = h.make_problem()
+  example_mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+  real = jax.tree.map(lambda x: x[:5], batch)
+  tx = optax.chain(optax_sam.fsam(RHO, 0.4, fisher_chunk_size=3), optax.adam(LR))
+
+  def step(rows, **mask):
+    loss_fn = h.per_example_loss_fn(rows)
+    grads = jax.grad(lambda p: optax_sam.batch_mean(loss_fn(p), mask.get("example_mask")))(
+        params)
+    updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn, **mask)
+    return optax.apply_updates(params, updates)
+
+  padded = jax.jit(lambda b, m: step(b, example_mask=m))(batch, example_mask)
+  h.assert_tree_close(padded, h.to_numpy(jax.jit(step)(real)), rtol=1e-5, atol=1e-7)

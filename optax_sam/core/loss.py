@@ -56,7 +56,7 @@ class PerExampleLoss:
           f"PerExampleLoss: every leaf of batch needs the same leading (batch) axis, "
           f"got sizes {sorted(sizes)}.")
     self.example_loss = example_loss
-    self.batch = batch
+    self.batch = jax.tree.map(jnp.asarray, batch)  # NumPy rows cannot be picked by a tracer
     self.batch_size = sizes.pop()
 
   def __call__(self, params: Any) -> jax.Array:

@@ -17,6 +17,7 @@ def empirical_fisher(
     *,
     num_examples: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    example_mask: Optional[jax.Array] = None,
 ) -> Any:
   """``F = Σ_i (∇l_i)²`` over the first ``num_examples`` examples (float32).
 
@@ -29,6 +30,7 @@ def empirical_fisher(
     params: where to evaluate the gradients.
     num_examples: how many examples of the batch to use (default: all).
     chunk_size: examples per ``vmap`` chunk (default: all at once).
+    example_mask: ``[batch]``, 0 for padded rows, which then add nothing.
 
   Returns:
     A float32 pytree shaped like ``params``.
@@ -46,7 +48,7 @@ def empirical_fisher(
 
   return per_example.sum_over_examples(
       squared_gradient, loss_fn, params, num_examples=num_examples,
-      chunk_size=chunk_size, method="empirical_fisher")
+      chunk_size=chunk_size, example_mask=example_mask, method="empirical_fisher")
 
 
 def squared_gradient_fisher(grads: Any) -> Any:

@@ -57,6 +57,7 @@ def sum_over_examples(
     *,
     num_examples: Optional[int] = None,
     chunk_size: Optional[int] = None,
+    example_mask: Optional[jax.Array] = None,
     method: str = "sum_over_examples",
 ) -> Any:
   """``Σ_{i < n} per_example_fn(l_i, params)`` in float32, ``chunk_size`` examples at a time.
@@ -75,6 +76,8 @@ def sum_over_examples(
     params: the parameters.
     num_examples: use the first ``n`` examples of the batch (default: all).
     chunk_size: examples per ``vmap`` chunk (default: all at once).
+    example_mask: ``[batch]``, 1 for real rows and 0 for padding; padded rows add
+      nothing (default: every row is real).
     method: the name used in error messages.
 
   Returns:
@@ -88,9 +91,16 @@ def sum_over_examples(
   indices = jnp.minimum(flat, n - 1).reshape(num_chunks, chunk)
   weights = (flat < n).astype(jnp.float32).reshape(num_chunks, chunk)
 
+  if example_mask is not None:
+    real = _replicate_if_explicitly_sharded(jnp.asarray(example_mask, jnp.float32))
+
   def one_example(index, weight):
+    if example_mask is not None:
+      weight = weight * real[index]
     value = per_example_fn(_example_loss(loss_fn, index), params)
-    return jax.tree.map(lambda x: x.astype(jnp.float32) * weight, value)
+    # `where`, not a product: a padded row's value may be non-finite.
+    return jax.tree.map(lambda x: jnp.where(weight > 0, x.astype(jnp.float32) * weight, 0.0),
+                        value)
 
   def one_chunk(total, chunk_inputs):
     values = jax.vmap(one_example)(*chunk_inputs)

@@ -96,7 +96,8 @@ def fisher_mask(
         count=jnp.zeros((), jnp.int32),
         mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params))
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, loss_fn=None, example_mask=None,
+                **extra_args):
     del extra_args
     params = loss_lib.require_params(params, "fisher_mask")
     if fisher == "per_example":
@@ -106,7 +107,8 @@ def fisher_mask(
     def refreshed_mask():
       if fisher == "per_example":
         scores = estimators.empirical_fisher(
-            loss_fn, params, num_examples=fisher_samples, chunk_size=fisher_chunk_size)
+            loss_fn, params, num_examples=fisher_samples, chunk_size=fisher_chunk_size,
+            example_mask=example_mask)
       else:
         scores = estimators.squared_gradient_fisher(updates)
       in_pool = selection_lib.select(params, pool, argument="pool")

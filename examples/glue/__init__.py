@@ -1,0 +1,1 @@
+"""The Flax GLUE fine-tuning example for optax-sam."""

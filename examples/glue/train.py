@@ -1,0 +1,452 @@
+r"""Fine-tunes a BERT-family encoder on a GLUE task with an optax-sam method.
+
+  python -m examples.glue.train --task sst2 --method fsam --glue-dir ../shared/glue \
+      --train-size 2000 --epochs 1 --lr 1e-4 --max-length 64
+
+Each epoch ends with an evaluation on the dev set, a line in ``<output-dir>/log.jsonl``,
+an updated ``<output-dir>/curves.png`` and a checkpoint from which ``--resume``
+continues to the same final parameters as an uninterrupted run. The fine-tuned model is
+written to ``<output-dir>/model`` as a Hugging Face folder. The batch is sharded over all
+local devices (data parallelism); parameters are replicated.
+
+Exit status: 0 on success (also after ``--stop-after-epoch``); 2 for bad usage or input
+(unknown task or method, malformed data file, missing checkpoint file), with one line
+``error: ...`` on stderr; anything else is a bug and prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import tqdm
+
+import optax_sam
+from examples.glue import checkpoint
+from examples.glue import data
+from examples.glue import methods
+from examples.glue import metrics
+from examples.glue import model as model_lib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PAD_TO_MULTIPLE_OF = 32
+# Arguments that may differ between an interrupted run and its resumption.
+_RESUME_FREE_ARGS = ("resume", "stop_after_epoch", "output_dir", "log_every")
+
+
+class UsageError(ValueError):
+  """A request the command cannot carry out (reported as ``error: ...``, exit 2)."""
+
+
+def _positive_int(text: str) -> int:
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports usage errors as one ``error: ...`` line with exit status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message}\n")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  """Parses the command line."""
+  parser = _Parser(prog="python -m examples.glue.train",
+                   description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--task", required=True, help=", ".join(data.TASKS))
+  parser.add_argument("--method", default="adamw", help=", ".join(methods.METHODS))
+  parser.add_argument("--model", help="Hugging Face model folder (default: the embedded "
+                      "all-MiniLM-L6-v2)")
+  parser.add_argument("--glue-dir", help="glue_data folder (default: $GLUE_DIR, else the "
+                      "Hugging Face hub)")
+  parser.add_argument("--train-size", type=_positive_int,
+                      help="stratified subsample of the training set")
+  parser.add_argument("--epochs", type=_positive_int, default=3)
+  parser.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+  parser.add_argument("--batch-size", type=_positive_int, default=32)
+  parser.add_argument("--max-length", type=_positive_int, default=128,
+                      help="tokens per example")
+  parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+  parser.add_argument("--warmup-ratio", type=float, default=0.06)
+  parser.add_argument("--weight-decay", type=float, default=0.01)
+  parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                      help="global-norm clipping; 0 disables")
+  parser.add_argument("--dropout", type=float, help="override the model's dropout")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num-devices", type=_positive_int,
+                      help="devices to shard the batch over (default: all local devices)")
+  parser.add_argument("--output-dir", help="default: runs/<task>-<method>-<seed>")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue from the checkpoint in --output-dir, if any")
+  parser.add_argument("--stop-after-epoch", type=_positive_int,
+                      help="exit after checkpointing this epoch (resume later)")
+  parser.add_argument("--log-every", type=_positive_int, default=10,
+                      help="steps per loss record")
+  methods.add_flags(parser)
+  return parser.parse_args(argv)
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training.
+
+  Attributes:
+    step: optimizer steps taken.
+    params: the model parameters.
+    opt_state: the optimizer state.
+    dropout_key: the run's dropout key; step ``t`` uses ``fold_in(dropout_key, t)``.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  dropout_key: jax.Array
+
+
+def example_loss(params: Any, example: dict[str, jax.Array], *,
+                 model: model_lib.SequenceClassifier, is_regression: bool,
+                 deterministic: bool = False) -> jax.Array:
+  """Loss of one example: cross-entropy, or squared error for regression.
+
+  Args:
+    params: model parameters.
+    example: one row of a batch (no batch axis); needs ``dropout_key`` unless
+      ``deterministic``.
+    model: the classifier.
+    is_regression: whether ``labels`` is a score.
+    deterministic: disables dropout.
+
+  Returns:
+    The scalar loss.
+  """
+  outputs = model.apply(
+      {"params": params}, example["input_ids"], example["attention_mask"],
+      example["token_type_ids"], deterministic=deterministic,
+      rngs=None if deterministic else {"dropout": example["dropout_key"]})
+  if is_regression:
+    return jnp.square(outputs[0] - example["labels"])
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, example["labels"])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for every parameter but biases and LayerNorm parameters."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not (path[-1].key == "bias"
+                           or any("LayerNorm" in key.key for key in path)), params)
+
+
+def learning_rate_schedule(peak: float, total_steps: int,
+                           warmup_ratio: float) -> optax.Schedule:
+  """Linear warmup over ``warmup_ratio`` of the steps, then linear decay to zero."""
+  warmup = int(warmup_ratio * total_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup),
+       optax.linear_schedule(peak, 0.0, total_steps - warmup)], [warmup])
+
+
+def make_train_step(model: model_lib.SequenceClassifier,
+                    tx: optax.GradientTransformation, is_regression: bool):
+  """The training step ``(state, batch) -> (state, mean loss)``, to be jitted.
+
+  Every example gets its own dropout key, so the per-example loss is a function of the
+  example alone (``optax_sam.PerExampleLoss``); the method's second pass reuses the batch
+  and the keys of the clean gradient.
+  """
+  per_example = functools.partial(example_loss, model=model, is_regression=is_regression)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]
+                 ) -> tuple[TrainState, jax.Array]:
+    example_mask = batch["example_mask"]
+    keys = jax.random.split(jax.random.fold_in(state.dropout_key, state.step),
+                            example_mask.shape[0])
+    examples = {name: value for name, value in batch.items() if name != "example_mask"}
+    loss_fn = optax_sam.PerExampleLoss(per_example, dict(examples, dropout_key=keys))
+    loss, grads = jax.value_and_grad(
+        lambda params: optax_sam.batch_mean(loss_fn(params), example_mask))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   loss_fn=loss_fn, example_mask=example_mask)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(state.step + 1, params, opt_state, state.dropout_key), loss
+
+  return train_step
+
+
+def deterministic_loss_fn_for(model: model_lib.SequenceClassifier, is_regression: bool):
+  """``batch -> loss_fn``: the masked mean loss of a batch without dropout."""
+  per_example = functools.partial(example_loss, model=model, is_regression=is_regression,
+                                  deterministic=True)
+
+  def loss_fn_for(batch):
+    examples = {name: value for name, value in batch.items() if name != "example_mask"}
+    losses = optax_sam.PerExampleLoss(per_example, examples)
+    return lambda params: optax_sam.batch_mean(losses(params), batch["example_mask"])
+
+  return loss_fn_for
+
+
+def save_checkpoint(path: pathlib.Path, state: TrainState, next_epoch: int) -> None:
+  """Writes the training state atomically (msgpack); data order needs only the epoch."""
+  payload = flax.serialization.to_bytes(
+      {"state": jax.device_get(state), "next_epoch": next_epoch})
+  partial_path = path.with_suffix(".partial")
+  partial_path.write_bytes(payload)
+  os.replace(partial_path, path)
+
+
+def restore_checkpoint(path: pathlib.Path, template: TrainState) -> tuple[TrainState, int]:
+  """Reads a checkpoint written by ``save_checkpoint`` into ``template``'s structure."""
+  restored = flax.serialization.from_bytes({"state": template, "next_epoch": 0},
+                                           path.read_bytes())
+  return restored["state"], int(restored["next_epoch"])
+
+
+def append_log(path: pathlib.Path, record: dict[str, Any]) -> None:
+  """Appends one JSON line."""
+  with open(path, "a", encoding="utf-8") as log:
+    log.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: pathlib.Path, step: int) -> None:
+  """Drops the records an interrupted run wrote after its checkpoint at ``step``."""
+  records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+  kept = [r for r in records if r["event"] != "final" and r.get("step", 0) <= step]
+  path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def plot_curves(log_path: pathlib.Path, image_path: pathlib.Path) -> None:
+  """Plots the training loss and the dev metrics of a JSON-lines log against steps."""
+  records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
+  train = [r for r in records if r["event"] == "train"]
+  evals = [r for r in records if r["event"] == "eval"]
+  figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+  loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train])
+  loss_axis.set(xlabel="step", ylabel="training loss", title="training loss")
+  for name in (evals[0]["metrics"] if evals else {}):
+    metric_axis.plot([r["step"] for r in evals], [r["metrics"][name] for r in evals],
+                     marker="o", label=name)
+  metric_axis.set(xlabel="step", ylabel="dev metric", title="dev")
+  metric_axis.legend()
+  figure.tight_layout()
+  figure.savefig(image_path, dpi=100)
+  plt.close(figure)
+
+
+def _check_resumable(config_path: pathlib.Path, run_config: dict[str, Any]) -> None:
+  saved = json.loads(config_path.read_text(encoding="utf-8"))
+  changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+  if changed:
+    details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    raise UsageError(f"--resume with different settings than the checkpointed run "
+                     f"({details})")
+
+
+def select_method(args: argparse.Namespace) -> tuple[methods.Method, dict[str, Any]]:
+  """The ``--method`` and the hyperparameters given for it.
+
+  Raises:
+    UsageError: for an unknown method or a flag it does not take.
+  """
+  if args.method not in methods.METHODS:
+    raise UsageError(f"unknown method {args.method!r}; choose one of "
+                     f"{', '.join(methods.METHODS)}")
+  method = methods.METHODS[args.method]
+  try:
+    return method, methods.hyperparameters_from_args(method, args)
+  except ValueError as error:
+    raise UsageError(str(error)) from None
+
+
+def select_devices(num_devices: Optional[int], batch_size: int) -> list[jax.Device]:
+  """The first ``num_devices`` local devices (all by default), which must split the batch.
+
+  Raises:
+    UsageError: if there are fewer devices, or they do not divide ``batch_size``.
+  """
+  devices = jax.local_devices()
+  if num_devices is not None and num_devices > len(devices):
+    raise UsageError(f"--num-devices {num_devices}: only {len(devices)} local devices")
+  devices = devices[:num_devices]
+  if batch_size % len(devices):
+    raise UsageError(f"--batch-size {batch_size} is not divisible by the {len(devices)} "
+                     "devices it is sharded over (see --num-devices)")
+  return devices
+
+
+def format_metrics(values: dict[str, float]) -> str:
+  """``name=value`` pairs for a summary line."""
+  return " ".join(f"{name}={value:.4f}" for name, value in values.items())
+
+
+def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
+  """Runs the fine-tuning that ``args`` describes.
+
+  Args:
+    args: the parsed command line.
+
+  Returns:
+    The final dev metrics, or ``None`` when stopped by ``--stop-after-epoch``.
+
+  Raises:
+    UsageError, data.DataError, checkpoint.CheckpointError: bad usage or input.
+  """
+  started = time.time()
+  task = data.get_task(args.task)
+  method, hyperparameters = select_method(args)
+  devices = select_devices(args.num_devices, args.batch_size)
+  if not 0 <= args.warmup_ratio < 1:
+    raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+  output_dir = pathlib.Path(args.output_dir
+                            or f"runs/{task.name}-{method.name}-{args.seed}")
+
+  # Model and data.
+  model_dir = args.model or checkpoint.default_model_dir()
+  pretrained = checkpoint.load_pretrained(model_dir, task.num_labels, args.seed,
+                                          args.dropout)
+  tokenizer = checkpoint.load_tokenizer(model_dir)
+  config = pretrained.config
+  positions = config.max_positions - (config.pad_token_id + 1
+                                      if config.padding_aware_positions else 0)
+  if math.ceil(args.max_length / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF > positions:
+    raise UsageError(f"--max-length {args.max_length} (padded to a multiple of "
+                     f"{PAD_TO_MULTIPLE_OF}) exceeds the model's {positions} positions")
+  glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
+  train_split = data.stratified_subsample(data.load_split(task, "train", glue_dir),
+                                          args.train_size, args.seed, task.is_regression)
+  train_set = data.encode(train_split, tokenizer, args.max_length)
+  dev_set = data.encode(data.load_split(task, "dev", glue_dir), tokenizer,
+                        args.max_length)
+  steps_per_epoch = data.num_batches(len(train_set), args.batch_size)
+  total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+  num_epochs = math.ceil(total_steps / steps_per_epoch)
+  epoch_batches = functools.partial(data.batches, train_set, args.batch_size,
+                                    seed=args.seed, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+  model = model_lib.SequenceClassifier(config, task.num_labels)
+
+  # Optimizer and state.
+  context = methods.MethodContext(
+      total_steps=total_steps, seed=args.seed, params=pretrained.params,
+      loss_fn_for=deterministic_loss_fn_for(model, task.is_regression),
+      train_batches=lambda: epoch_batches(epoch=0), num_train_batches=steps_per_epoch)
+  try:
+    tx = methods.build_optimizer(
+        method, hyperparameters, context,
+        learning_rate_schedule(args.lr, total_steps, args.warmup_ratio),
+        args.weight_decay, weight_decay_mask(pretrained.params),
+        args.max_grad_norm or None)
+  except ValueError as error:
+    raise UsageError(f"--method {method.name}: {error}") from None
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=pretrained.params,
+                     opt_state=tx.init(pretrained.params),
+                     dropout_key=jax.random.PRNGKey(args.seed))
+
+  # Output folder: resume or start afresh.
+  output_dir.mkdir(parents=True, exist_ok=True)
+  log_path, config_path = output_dir / "log.jsonl", output_dir / "run_config.json"
+  checkpoint_path = output_dir / "checkpoint.msgpack"
+  run_config = {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE_ARGS}
+  first_epoch = 0
+  if args.resume and checkpoint_path.is_file():
+    _check_resumable(config_path, run_config)
+    state, first_epoch = restore_checkpoint(checkpoint_path, state)
+    truncate_log(log_path, int(state.step))
+    print(f"resuming {output_dir} after epoch {first_epoch}, step {int(state.step)}")
+  else:
+    log_path.unlink(missing_ok=True)
+    config_path.write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
+    append_log(log_path, {"event": "start", "task": task.name, "method": method.name,
+                          "hyperparameters": hyperparameters, "devices": len(devices),
+                          "train_examples": len(train_set), "total_steps": total_steps,
+                          "fresh_head_modules": list(pretrained.fresh_modules)})
+
+  # Data parallelism: the batch is split along "data", the state is replicated.
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(state, replicated)
+  train_step = jax.jit(make_train_step(model, tx, task.is_regression),
+                       in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  predict = jax.jit(
+      lambda params, batch: model.apply({"params": params}, batch["input_ids"],
+                                        batch["attention_mask"], batch["token_type_ids"]),
+      in_shardings=(replicated, batch_sharding))
+
+  def evaluate_dev() -> dict[str, float]:
+    return metrics.evaluate(
+        lambda batch: predict(state.params, jax.device_put(batch, batch_sharding)),
+        dev_set, task, args.batch_size, PAD_TO_MULTIPLE_OF)
+
+  dev_metrics = None
+  step = int(state.step)
+  progress = tqdm.tqdm(total=total_steps, initial=step, desc=f"{task.name} {method.name}",
+                       disable=None)
+  for epoch in range(first_epoch, num_epochs):
+    losses = []
+    for batch in epoch_batches(epoch=epoch):
+      if step == total_steps:
+        break
+      state, loss = train_step(state, jax.device_put(batch, batch_sharding))
+      step += 1
+      losses.append(loss)
+      progress.update()
+      if len(losses) == args.log_every or step == total_steps:
+        mean_loss = float(np.mean(jax.device_get(losses)))
+        losses = []
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step,
+                              "loss": mean_loss, "time": time.time() - started})
+    dev_metrics = evaluate_dev()
+    progress.write(f"epoch {epoch + 1}/{num_epochs} (step {step}): dev "
+                   f"{format_metrics(dev_metrics)}")
+    append_log(log_path, {"event": "eval", "epoch": epoch + 1, "step": step,
+                          "metrics": dev_metrics, "time": time.time() - started})
+    save_checkpoint(checkpoint_path, state, next_epoch=epoch + 1)
+    plot_curves(log_path, output_dir / "curves.png")
+    if args.stop_after_epoch == epoch + 1 and epoch + 1 < num_epochs:
+      progress.close()
+      print(f"stopped after epoch {epoch + 1} of {num_epochs}; continue with --resume")
+      return None
+  progress.close()
+
+  if dev_metrics is None:  # Resumed a finished run.
+    dev_metrics = evaluate_dev()
+  checkpoint.save_pretrained(output_dir / "model", state.params, pretrained.hf_config,
+                             task.labels)
+  tokenizer.save_pretrained(str(output_dir / "model"))
+  elapsed = time.time() - started
+  append_log(log_path, {"event": "final", "step": step, "metrics": dev_metrics,
+                        "time": elapsed})
+  print(f"final {task.name} {method.name} seed={args.seed}: dev "
+        f"{format_metrics(dev_metrics)} ({step} steps, {elapsed:.0f} s)")
+  return dev_metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Command-line entry point; returns the exit status."""
+  args = parse_args(argv)
+  try:
+    train(args)
+  except (UsageError, data.DataError, checkpoint.CheckpointError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
