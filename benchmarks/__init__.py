@@ -1,0 +1,1 @@
+"""Benchmarks: step cost (step_cost.py) and fine-tuning quality (glue_quality.py)."""
