@@ -62,6 +62,41 @@ def one_step(tx, params, loss_fn, state=None, **extra):
   return step(params, state)
 
 
+def jitted_step(tx, make_loss_fn, traces=None):
+  """A jitted ``(params, state, batch) -> (params, state)`` step of ``tx``.
+
+  ``make_loss_fn(batch)`` builds the loss_fn; each trace appends to ``traces`` if given.
+  """
+  @jax.jit
+  def step(params, state, batch):
+    if traces is not None:
+      traces.append(1)
+    loss_fn = make_loss_fn(batch)
+    grads = clean_grads(loss_fn, params)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def signature(tree):
+  """Shapes, dtypes and weak-type flags of every leaf: what a retrace would key on."""
+  return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype,
+                                 getattr(a, "weak_type", False)), tree)
+
+
+def max_abs_diff(a, b):
+  return max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def assert_trees_close(actual, expected, rtol, atol):
+  """Leaf-by-leaf closeness of two pytrees of the same structure."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                               rtol=rtol, atol=atol)
+
+
 # ----------------------------- float64 NumPy twins -----------------------------
 
 def to_numpy(tree):

@@ -24,6 +24,10 @@ LR = 0.1
 BATCH = 16
 
 
+def assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
+  harness.assert_trees_close(actual, expected, rtol, atol)
+
+
 def batch_loss(params, batch):
   """Per-example losses of a (micro-)batch: the harness model, batched."""
   return harness.example_loss(params, batch)
@@ -32,18 +36,6 @@ def batch_loss(params, batch):
 def micro_batches(batch, k):
   size = BATCH // k
   return [jax.tree.map(lambda x: x[i * size:(i + 1) * size], batch) for i in range(k)]
-
-
-def assert_trees_close(actual, expected, rtol=2e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                               rtol=rtol, atol=atol)
-
-
-def max_abs_diff(a, b):
-  return max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def counting(loss_fn, counter):
@@ -97,7 +89,7 @@ def test_multisteps_runs_second_pass_every_micro_step_on_last_micro_batch():
   # ... which is not the full-batch SAM step.
   full = optax.chain(optax_sam.sam(0.1), optax.sgd(LR))
   full_updates, _ = full.update(g_full, full.init(params), params, loss_fn=full_loss)
-  assert max_abs_diff(updates, full_updates) > 1e-3
+  assert harness.max_abs_diff(updates, full_updates) > 1e-3
 
 
 # ------------------------- optax_sam.microbatched_loss: the fix -------------------------
@@ -144,7 +136,7 @@ def test_microbatched_steps_equal_full_batch_steps(name):
     trajectories.append(trajectory)
   full, micro = trajectories
   assert_trees_close(micro, full)
-  assert max_abs_diff(full[0][0], full[1][0]) > 1e-4  # the steps are not all alike
+  assert harness.max_abs_diff(full[0][0], full[1][0]) > 1e-4  # the steps are not all alike
 
 
 @pytest.mark.parametrize("name", list(METHODS))

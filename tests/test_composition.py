@@ -77,20 +77,12 @@ def jit_update(tx, loss_fn):
   return jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))
 
 
-def max_abs_diff(a, b):
-  return max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 def assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                               rtol=rtol, atol=atol)
+  harness.assert_trees_close(actual, expected, rtol, atol)
 
 
 def assert_trees_differ(a, b, atol=1e-5):
-  assert max_abs_diff(a, b) > atol, "the trees agree"
+  assert harness.max_abs_diff(a, b) > atol, "the trees agree"
 
 
 def all_zero(tree):
@@ -99,11 +91,6 @@ def all_zero(tree):
 
 def tree_finite(tree):
   return all(np.all(np.isfinite(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))
-
-
-def signature(tree):
-  return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype,
-                                 getattr(a, "weak_type", False)), tree)
 
 
 # --------------------------- optax.inject_hyperparams ---------------------------
@@ -147,7 +134,7 @@ def test_rho_schedule_and_stable_compiled_step(name):
 
   const = plain_step(name)
   state = tx.init(params)
-  signatures = [signature(state)]
+  signatures = [harness.signature(state)]
   for k in range(3):
     grads = harness.clean_grads(loss_fn, params)
     updates, new_state = step(grads, state, params)
@@ -158,7 +145,7 @@ def test_rho_schedule_and_stable_compiled_step(name):
     assert_trees_close(new_state, expected_state)
     assert_trees_differ(updates, const(float(schedule(k + 1)), grads, state, params, batch)[0])
     params, state = optax.apply_updates(params, updates), new_state
-    signatures.append(signature(state))
+    signatures.append(harness.signature(state))
   # Three steps, one trace and one executable; the state keeps its shapes and dtypes.
   assert len(traces) == 1
   assert step._cache_size() == 1
@@ -288,7 +275,7 @@ def test_bfloat16_params(name):
   updates32, _, _ = run(params32, lambda g, s, p: plain_step(name)(0.1, g, s, p, batch))
   for updates in updates16:
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
-  assert signature(state16) == signature(init16)
+  assert harness.signature(state16) == harness.signature(init16)
   # Close to the float32 run (bfloat16 keeps 8 bits: about 0.4% per rounding).
   for u16, u32 in zip(updates16, updates32):
     assert_trees_close(u16, u32, rtol=3e-2, atol=2e-3)

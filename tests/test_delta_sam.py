@@ -197,19 +197,7 @@ def test_scalar_loss_is_rejected_with_a_per_example_message():
 # -------------------------- jit, state, 8 devices ---------------------------------
 
 def make_step(tx, traces=None):
-  @jax.jit
-  def step(params, state, batch):
-    if traces is not None:
-      traces.append(1)
-    loss_fn = harness.batch_loss_fn(batch)
-    grads = harness.clean_grads(loss_fn, params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-def state_signature(state):
-  return jax.tree.map(lambda x: (jnp.shape(x), jnp.asarray(x).dtype), state)
+  return harness.jitted_step(tx, harness.batch_loss_fn, traces)
 
 
 def test_jit_compiles_once_with_fixed_state_signature():
@@ -218,11 +206,11 @@ def test_jit_compiles_once_with_fixed_state_signature():
   traces = []
   step = make_step(tx, traces)
   state = tx.init(params)
-  signature = state_signature(state)
+  signature = harness.signature(state)
   keys = []
   for _ in range(3):
     params, state = step(params, state, batch)
-    assert state_signature(state) == signature
+    assert harness.signature(state) == signature
     keys.append(np.asarray(state[0].perturbation_state.key))
   assert len(traces) == 1 and step._cache_size() == 1
   assert not np.array_equal(keys[0], keys[1])  # the key advances every step

@@ -40,22 +40,14 @@ METHODS = {
 }
 
 
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  harness.assert_trees_close(actual, expected, rtol, atol)
+
+
 @pytest.fixture(scope="module")
 def mesh():
   assert len(jax.devices()) >= DEVICES, "conftest.py should give 8 CPU devices"
   return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
-
-
-def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                               rtol=rtol, atol=atol)
-
-
-def max_abs_diff(a, b):
-  return max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -154,7 +146,7 @@ def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh)
   eps = perturb(params64, harness.numpy_mean_grad(params64, batch64))
   global_descent = harness.numpy_mean_grad(
       {k: params64[k] + eps[k] for k in params64}, batch64)
-  assert max_abs_diff(descent, global_descent) > 1e-3
+  assert harness.max_abs_diff(descent, global_descent) > 1e-3
   # And the global one is what the same method without axis_name gives under jit.
   plain = factory(None)
   loss_fn = harness.batch_loss_fn(batch)

@@ -156,15 +156,7 @@ def test_scalar_loss_is_rejected_with_a_per_example_message():
 # ------------------------------ jit and 8 devices ------------------------------
 
 def make_step(tx, traces=None):
-  @jax.jit
-  def step(params, state, batch):
-    if traces is not None:
-      traces.append(1)
-    loss_fn = harness.per_example_loss_fn(batch)
-    grads = harness.clean_grads(loss_fn, params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-  return step
+  return harness.jitted_step(tx, harness.per_example_loss_fn, traces)
 
 
 def test_jit_compiles_once_with_fixed_state_signature():
