@@ -17,33 +17,6 @@ class PerInstanceSAMState(NamedTuple):
   count: jax.Array  # steps taken, for a ρ schedule
 
 
-def _masked_loss(loss_fn: loss_lib.LossFn,
-                 example_mask: Optional[jax.Array]) -> loss_lib.LossFn:
-  """``loss_fn`` with each example's loss multiplied by its ``example_mask`` entry.
-
-  A padded row then has a zero gradient, hence a zero perturbation and a zero
-  contribution; a real row (mask 1) is unchanged. A :class:`PerExampleLoss` stays one,
-  keeping its fast per-example path.
-  """
-  if example_mask is None:
-    return loss_fn
-  weights = jnp.asarray(example_mask, jnp.float32)
-  if isinstance(loss_fn, loss_lib.PerExampleLoss):
-    example_loss = loss_fn.example_loss
-
-    def weighted_example_loss(p, row):
-      loss = example_loss(p, row["example"])
-      return loss * row["weight"].astype(loss.dtype)
-
-    return loss_lib.PerExampleLoss(weighted_example_loss,
-                                   {"example": loss_fn.batch, "weight": weights})
-
-  def weighted_loss_fn(p):
-    losses = loss_fn(p)
-    return losses * weights.astype(losses.dtype)
-
-  return weighted_loss_fn
-
 def per_instance_sam(
     rho: numerics.ScalarOrSchedule = 0.05,
     *,
@@ -124,8 +97,8 @@ def per_instance_sam(
       return jax.grad(example_loss)(perturbed)
 
     total = per_example.sum_over_examples(
-        perturbed_gradient, _masked_loss(loss_fn, example_mask), params,
-        chunk_size=chunk_size, method=method)
+        perturbed_gradient, loss_fn, params, chunk_size=chunk_size,
+        example_mask=example_mask, method=method)
     count = (jnp.asarray(batch_size, jnp.float32) if example_mask is None
              else jnp.maximum(jnp.sum(jnp.asarray(example_mask, jnp.float32)), 1.0))
     descent = jax.tree.map(lambda t, u: (t / count).astype(u.dtype), total, updates)
