@@ -91,6 +91,18 @@ def _layer_norm(config: EncoderConfig) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=config.layer_norm_eps, name="LayerNorm")
 
 
+def _project_add_and_norm(config: EncoderConfig, update: jax.Array, residual: jax.Array,
+                          deterministic: bool) -> jax.Array:
+  """BERT's sub-layer output: dense ``output`` projection, dropout, residual, LayerNorm.
+
+  Called inside a compact module, so ``output`` and ``LayerNorm`` are that module's
+  children (the checkpoint's ``...attention.output.*`` and ``...output.*`` tensors).
+  """
+  output = _dense(config, config.hidden_size, "output")(update)
+  output = nn.Dropout(config.hidden_dropout)(output, deterministic=deterministic)
+  return _layer_norm(config)(output + residual)
+
+
 class Embeddings(nn.Module):
   """Sum of token, position and token-type embeddings, then LayerNorm and dropout."""
 
@@ -137,9 +149,8 @@ class SelfAttention(nn.Module):
         dropout_rate=config.attention_dropout,
         broadcast_dropout=False,
         deterministic=not use_dropout)
-    output = _dense(config, config.hidden_size, "output")(context.reshape(hidden.shape))
-    output = nn.Dropout(config.hidden_dropout)(output, deterministic=deterministic)
-    return _layer_norm(config)(output + hidden)
+    return _project_add_and_norm(config, context.reshape(hidden.shape), hidden,
+                                 deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -154,9 +165,7 @@ class EncoderLayer(nn.Module):
     hidden = SelfAttention(config, name="attention")(hidden, attention_mask, deterministic)
     inner = ACTIVATIONS[config.hidden_act](
         _dense(config, config.intermediate_size, "intermediate")(hidden))
-    output = _dense(config, config.hidden_size, "output")(inner)
-    output = nn.Dropout(config.hidden_dropout)(output, deterministic=deterministic)
-    return _layer_norm(config)(output + hidden)
+    return _project_add_and_norm(config, inner, hidden, deterministic)
 
 
 class Encoder(nn.Module):

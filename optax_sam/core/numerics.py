@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +30,6 @@ def tree_all_finite(tree: Any) -> jax.Array:
   if not leaves:
     return jnp.asarray(True)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def tree_to_float32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def tree_cast_like(tree: Any, like: Any) -> Any:
@@ -176,8 +171,3 @@ def check_seed(seed: Any) -> None:
       dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(seed) == 0)
   if not integer:
     raise ValueError(f"seed must be an integer, got {seed!r}.")
-
-
-def safe_increment(count: chex.Array) -> chex.Array:
-  return optax.safe_increment(count)
-

@@ -105,6 +105,6 @@ def per_instance_sam(
     # Nothing here reads the clean gradient's values; keep a non-finite one (a
     # loss-scaling overflow, say) visible to a later finiteness guard, as SAM does.
     descent = numerics.nan_unless_finite(descent, updates)
-    return descent, PerInstanceSAMState(count=numerics.safe_increment(state.count))
+    return descent, PerInstanceSAMState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

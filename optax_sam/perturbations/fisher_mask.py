@@ -118,6 +118,6 @@ def fisher_mask(
     kept_mask = numerics.match_varying(state.mask, updates)
     mask = jax.lax.cond(state.count % mask_every == 0, refreshed_mask, lambda: kept_mask)
     masked = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
-    return masked, FisherMaskState(count=numerics.safe_increment(state.count), mask=mask)
+    return masked, FisherMaskState(count=optax.safe_increment(state.count), mask=mask)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -144,6 +144,6 @@ def gradient_strength_ellipsoid(
       epsilon = jax.lax.fori_loop(1, ascent_steps, ascend, epsilon)
     epsilon = numerics.tree_cast_like(epsilon, updates)
     return epsilon, GradientStrengthState(
-        count=numerics.safe_increment(state.count), second_moment=second_moment)
+        count=optax.safe_increment(state.count), second_moment=second_moment)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

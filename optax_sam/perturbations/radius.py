@@ -54,6 +54,6 @@ def scale_to_radius(
     factor = radius / (numerics.global_norm(updates) + eps)
     scaled = jax.tree.map(lambda u: (u.astype(jnp.float32) * factor).astype(u.dtype),
                           updates)
-    return scaled, ScaleToRadiusState(count=numerics.safe_increment(state.count))
+    return scaled, ScaleToRadiusState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

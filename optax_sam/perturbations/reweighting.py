@@ -144,7 +144,7 @@ def reweighted_ascent(
     factor = radius / (numerics.global_norm(reweighted) + eps)
     epsilon = jax.tree.map(lambda g, u: (g.astype(jnp.float32) * factor).astype(u.dtype),
                            reweighted, updates)
-    return epsilon, ReweightedAscentState(count=numerics.safe_increment(state.count),
+    return epsilon, ReweightedAscentState(count=optax.safe_increment(state.count),
                                           key=key)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -48,7 +48,7 @@ def _child_tuning_f_all_leaves(p_keep: numerics.ScalarOrSchedule,
     scaled = jax.tree.map(
         lambda g, m: (g.astype(jnp.float32) * m.astype(jnp.float32) / keep).astype(g.dtype),
         updates, masks)
-    return scaled, ChildTuningFState(count=numerics.safe_increment(state.count), key=key)
+    return scaled, ChildTuningFState(count=optax.safe_increment(state.count), key=key)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

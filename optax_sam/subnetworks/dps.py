@@ -69,7 +69,7 @@ def _dps_all_leaves(total_steps: int, update_ratio: float,
     mask = jax.tree.map(lambda m: jnp.logical_or(m, in_stage_one), selected)
     # A product, as in the authors' code: a NaN stays visible to a finiteness guard.
     masked = jax.tree.map(lambda g, m: g * m.astype(g.dtype), updates, mask)
-    return masked, DPSState(count=numerics.safe_increment(state.count),
+    return masked, DPSState(count=optax.safe_increment(state.count),
                             squared_gradient_sum=accumulated, mask=mask)
 
   return optax.GradientTransformation(init_fn, update_fn)
