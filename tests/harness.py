@@ -78,6 +78,25 @@ def jitted_step(tx, make_loss_fn, traces=None):
   return step
 
 
+def run_steps(step, tx, params, batch, steps, sharding=None):
+  """``steps`` calls of ``step`` from ``tx.init``; params and state put on ``sharding``."""
+  state = tx.init(params)
+  if sharding is not None:
+    params, state = jax.device_put((params, state), sharding)
+  for _ in range(steps):
+    params, state = step(params, state, batch)
+  return params
+
+
+def data_parallel(batch, axis_type):
+  """``(sharded batch, replicated sharding)`` on an 8-device mesh of ``axis_type``."""
+  mesh = jax.make_mesh((8,), ("data",),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  sharded = jax.device_put(batch, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  return sharded, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def signature(tree):
   """Shapes, dtypes and weak-type flags of every leaf: what a retrace would key on."""
   return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype,

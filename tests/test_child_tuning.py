@@ -236,28 +236,9 @@ def test_sam_then_child_tuning_on_eight_devices_matches_one_device(axis_type):
                    optax_sam.child_tuning_d(mask), optax.adamw(1e-2))
 
   traces = []
-
-  @jax.jit
-  def step(params, state, batch):
-    traces.append(1)
-    loss_fn = harness.batch_loss_fn(batch)
-    grads = harness.clean_grads(loss_fn, params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  def run(params, batch, sharding=None):
-    state = tx.init(params)
-    if sharding is not None:
-      params, state = jax.device_put((params, state), sharding)
-    for _ in range(3):
-      params, state = step(params, state, batch)
-    return params
-
-  expected = run(params, batch)
-  mesh = jax.make_mesh((8,), ("data",),
-                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
-  sharded = jax.device_put(batch, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  got = run(params, sharded, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  step = harness.jitted_step(tx, harness.batch_loss_fn, traces)
+  expected = harness.run_steps(step, tx, params, batch, steps=3)
+  sharded, replicated = harness.data_parallel(batch, axis_type)
+  got = harness.run_steps(step, tx, params, sharded, steps=3, sharding=replicated)
   harness.assert_tree_close(got, harness.to_numpy(expected), rtol=1e-5, atol=1e-6)
   assert len(traces) == 2  # once per input sharding, never again across steps

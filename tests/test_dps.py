@@ -284,30 +284,11 @@ def test_sam_then_dps_on_eight_devices_matches_one_device(axis_type):
   params, batch, example_loss = _toy_encoder_problem(batch_size=16)
   tx = optax.chain(optax_sam.sam(0.1), optax_sam.dps(8, 0.25, 0.5), optax.adamw(1e-2))
   traces = []
-
-  @jax.jit
-  def step(params, state, batch):
-    traces.append(1)
-    loss_fn = lambda p: jax.vmap(example_loss, in_axes=(None, 0))(p, batch)
-    grads = jax.grad(lambda p: loss_fn(p).mean())(params)
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, updates), state
-
-  def run(params, batch, steps=4, sharding=None):
-    state = tx.init(params)
-    if sharding is not None:  # the state lives on the mesh from the start
-      state = jax.device_put(state, sharding)
-    for _ in range(steps):
-      params, state = step(params, state, batch)
-    return params
-
-  expected = run(params, batch)
-  mesh = jax.make_mesh((8,), ("data",),
-                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
-  sharded = jax.device_put(batch, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  replicate = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  got = run(jax.device_put(params, replicate), sharded, sharding=replicate)
+  batch_loss_fn = lambda rows: (lambda p: jax.vmap(example_loss, in_axes=(None, 0))(p, rows))
+  step = harness.jitted_step(tx, batch_loss_fn, traces)
+  expected = harness.run_steps(step, tx, params, batch, steps=4)
+  sharded, replicated = harness.data_parallel(batch, axis_type)
+  got = harness.run_steps(step, tx, params, sharded, steps=4, sharding=replicated)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got, expected)
   assert len(traces) == 2  # once per input sharding, never again across steps
