@@ -184,7 +184,8 @@ def hyperparameters_from_args(method: Method, args: argparse.Namespace) -> dict[
 def build_optimizer(method: Method, hyperparameters: Mapping[str, Any],
                     context: MethodContext, learning_rate: optax.Schedule,
                     weight_decay: float, weight_decay_mask: Any,
-                    max_grad_norm: Optional[float]) -> optax.GradientTransformation:
+                    max_grad_norm: Optional[float], adam_beta2: float = 0.999
+                    ) -> optax.GradientTransformation:
   """``method`` before optional global-norm clipping and AdamW.
 
   Args:
@@ -195,11 +196,12 @@ def build_optimizer(method: Method, hyperparameters: Mapping[str, Any],
     weight_decay: AdamW's decoupled weight decay.
     weight_decay_mask: pytree of bools, True where weight decay applies.
     max_grad_norm: clip the (method's) gradient to this global norm; ``None`` to not clip.
+    adam_beta2: AdamW's second-moment decay (FSAM's recipe uses 0.98).
 
   Returns:
     The optimizer; its ``update`` takes ``loss_fn`` and ``example_mask`` keywords.
   """
-  adamw = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6,
+  adamw = optax.adamw(learning_rate, b1=0.9, b2=adam_beta2, eps=1e-6,
                       weight_decay=weight_decay, mask=weight_decay_mask)
   base = adamw if max_grad_norm is None else optax.chain(
       optax.clip_by_global_norm(max_grad_norm), adamw)

@@ -44,7 +44,6 @@ from examples.glue import model as model_lib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PAD_TO_MULTIPLE_OF = 32
 # Arguments that may differ between an interrupted run and its resumption.
 _RESUME_FREE_ARGS = ("resume", "stop_after_epoch", "output_dir", "log_every")
 
@@ -83,9 +82,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--batch-size", type=_positive_int, default=32)
   parser.add_argument("--max-length", type=_positive_int, default=128,
                       help="tokens per example")
+  parser.add_argument("--pad-to-multiple-of", type=_positive_int, default=32,
+                      help="batches are padded to a multiple of this many tokens (each "
+                      "new length compiles the step once; smaller wastes less on padding)")
   parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
   parser.add_argument("--warmup-ratio", type=float, default=0.06)
   parser.add_argument("--weight-decay", type=float, default=0.01)
+  parser.add_argument("--adam-beta2", type=float, default=0.999,
+                      help="AdamW's second-moment decay, in (0, 1)")
   parser.add_argument("--max-grad-norm", type=float, default=1.0,
                       help="global-norm clipping; 0 disables")
   parser.add_argument("--dropout", type=float, help="override the model's dropout")
@@ -311,6 +315,8 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   devices = select_devices(args.num_devices, args.batch_size)
   if not 0 <= args.warmup_ratio < 1:
     raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+  if not 0 < args.adam_beta2 < 1:
+    raise UsageError(f"--adam-beta2 must be in (0, 1), got {args.adam_beta2}")
   output_dir = pathlib.Path(args.output_dir
                             or f"runs/{task.name}-{method.name}-{args.seed}")
 
@@ -322,9 +328,10 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   config = pretrained.config
   positions = config.max_positions - (config.pad_token_id + 1
                                       if config.padding_aware_positions else 0)
-  if math.ceil(args.max_length / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF > positions:
+  multiple = args.pad_to_multiple_of
+  if math.ceil(args.max_length / multiple) * multiple > positions:
     raise UsageError(f"--max-length {args.max_length} (padded to a multiple of "
-                     f"{PAD_TO_MULTIPLE_OF}) exceeds the model's {positions} positions")
+                     f"{multiple}) exceeds the model's {positions} positions")
   glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
   train_split = data.stratified_subsample(data.load_split(task, "train", glue_dir),
                                           args.train_size, args.seed, task.is_regression)
@@ -335,7 +342,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
   epoch_batches = functools.partial(data.batches, train_set, args.batch_size,
-                                    seed=args.seed, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+                                    seed=args.seed, pad_to_multiple_of=multiple)
   model = model_lib.SequenceClassifier(config, task.num_labels)
 
   # Optimizer and state.
@@ -348,7 +355,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
         method, hyperparameters, context,
         learning_rate_schedule(args.lr, total_steps, args.warmup_ratio),
         args.weight_decay, weight_decay_mask(pretrained.params),
-        args.max_grad_norm or None)
+        args.max_grad_norm or None, args.adam_beta2)
   except ValueError as error:
     raise UsageError(f"--method {method.name}: {error}") from None
   state = TrainState(step=jnp.zeros((), jnp.int32), params=pretrained.params,
@@ -390,7 +397,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   def evaluate_dev() -> dict[str, float]:
     return metrics.evaluate(
         lambda batch: predict(state.params, jax.device_put(batch, batch_sharding)),
-        dev_set, task, args.batch_size, PAD_TO_MULTIPLE_OF)
+        dev_set, task, args.batch_size, multiple)
 
   dev_metrics = None
   step = int(state.step)
