@@ -284,6 +284,23 @@ def test_paper_profile_plan():
   assert len(runs) == 2 * 5 * 2  # (adamw x 2 recipes + 3 methods) x 2 tasks x 2 seeds
 
 
+def test_cpu_small_plan_is_seed_major_with_the_papers_rho():
+  profile = glue_quality.PROFILES["cpu-small"]
+  runs = glue_quality.plan(profile, ["rte", "stsb"], ["adamw", "sam", "per-instance-sam"],
+                           [0, 1], model=None, glue_dir=None, max_steps=None)
+  # An interrupted profile leaves every method with the same seeds.
+  assert [r.seed for r in runs] == [0] * 6 + [1] * 6
+
+  def flag(run, name):
+    return run.train_args[run.train_args.index(name) + 1]
+
+  by_key = {(r.task, r.method, r.seed): r for r in runs}
+  assert flag(by_key["rte", "sam", 0], "--rho") == "5e-3"
+  assert flag(by_key["stsb", "per-instance-sam", 1], "--rho") == "0.01"
+  assert flag(by_key["stsb", "per-instance-sam", 1], "--chunk-size") == "1"
+  assert "--rho" not in by_key["rte", "adamw", 0].train_args
+
+
 def test_torch_rows_run_a_step():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
