@@ -96,12 +96,16 @@ class Method:
       offered when it exists); ``None`` for plain AdamW.
     flags: dests of the ``HYPERPARAMETERS`` it accepts, mapped to constructor keywords.
     build: makes the optimizer from the given hyperparameters, context and base.
+    reads_clean_gradient: whether the optimizer uses the values of the gradient it is
+      given; δ-SAM builds its ascent from its own reweighted pass, so its training step
+      can skip the clean backward pass.
   """
 
   name: str
   constructor: Optional[str]
   flags: Mapping[str, str]
   build: Builder
+  reads_clean_gradient: bool = True
 
 
 def _before_base(constructor: str, *context_keywords: str) -> Builder:
@@ -141,7 +145,7 @@ _ALL_METHODS = (
             "ascent_steps": "ascent_steps"},
            _before_base("gasam")),
     Method("delta-sam", "delta_sam", {**_RHO, "eta": "eta"},
-           _before_base("delta_sam", "seed")),
+           _before_base("delta_sam", "seed"), reads_clean_gradient=False),
     Method("per-instance-sam", "per_instance_sam", {**_RHO, "chunk_size": "chunk_size"},
            _before_base("per_instance_sam")),
     Method("dps", "dps", _DPS, _before_base("dps", "total_steps")),

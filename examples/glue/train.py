@@ -165,12 +165,15 @@ def learning_rate_schedule(peak: float, total_steps: int,
 
 
 def make_train_step(model: model_lib.SequenceClassifier,
-                    tx: optax.GradientTransformation, is_regression: bool):
+                    tx: optax.GradientTransformation, is_regression: bool, *,
+                    clean_gradient: bool = True):
   """The training step ``(state, batch) -> (state, mean loss)``, to be jitted.
 
   Every example gets its own dropout key, so the per-example loss is a function of the
   example alone (``optax_sam.PerExampleLoss``); the method's second pass reuses the batch
-  and the keys of the clean gradient.
+  and the keys of the clean gradient. With ``clean_gradient=False`` (for an optimizer
+  that ignores the gradient's values, as δ-SAM does) it hands ``tx`` zeros and runs the
+  forward pass only.
   """
   per_example = functools.partial(example_loss, model=model, is_regression=is_regression)
 
@@ -181,8 +184,11 @@ def make_train_step(model: model_lib.SequenceClassifier,
                             example_mask.shape[0])
     examples = {name: value for name, value in batch.items() if name != "example_mask"}
     loss_fn = optax_sam.PerExampleLoss(per_example, dict(examples, dropout_key=keys))
-    loss, grads = jax.value_and_grad(
-        lambda params: optax_sam.batch_mean(loss_fn(params), example_mask))(state.params)
+    mean_loss = lambda params: optax_sam.batch_mean(loss_fn(params), example_mask)
+    if clean_gradient:
+      loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    else:
+      loss, grads = mean_loss(state.params), jax.tree.map(jnp.zeros_like, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    loss_fn=loss_fn, example_mask=example_mask)
     params = optax.apply_updates(state.params, updates)
@@ -386,7 +392,8 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
-  train_step = jax.jit(make_train_step(model, tx, task.is_regression),
+  train_step = jax.jit(make_train_step(model, tx, task.is_regression,
+                                       clean_gradient=method.reads_clean_gradient),
                        in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
   predict = jax.jit(
