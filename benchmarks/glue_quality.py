@@ -134,9 +134,8 @@ PROFILES: dict[str, Profile] = {
         method_setting={}, needs_model=False,
         description=("embedded all-MiniLM-L6-v2, stratified 1000-example training "
                      "subsets, 2 epochs (CoLA 4), batch 32, max length 64, lr 1e-4 (not "
-                     "tuned), "
-                     "the papers' rho for the sharpness-aware methods, library defaults "
-                     "otherwise")),
+                     "tuned), the papers' rho for the sharpness-aware methods, library "
+                     "defaults otherwise")),
     "paper": Profile(
         name="paper", tasks=("rte", "mrpc", "stsb", "cola"), seeds=(0, 1, 2, 3, 4),
         settings=(
