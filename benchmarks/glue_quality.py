@@ -446,8 +446,10 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
     axis.barh(labels, means, xerr=errors, color=colours, capsize=3)
     axis.axvline(0.0, color="black", linewidth=0.8)
     axis.set(title=task, xlabel="dev score - AdamW")
-  figure.suptitle(f"GLUE dev, profile {summary['profile']}: difference to AdamW, "
-                  "paired 95% CI over seeds")
+  seeds = sorted({r["seed"] for r in summary["results"]})
+  figure.suptitle(f"GLUE dev, profile {summary['profile']}: difference to AdamW, paired 95% "
+                  f"CI over seeds (seeds {', '.join(map(str, seeds))}; an interval needs "
+                  "two)")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
