@@ -123,7 +123,8 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
   tx = optax.chain(optax_sam.delta_sam(), optax.adamw(1e-3))
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), dropout_key=jax.random.key(1))
-  steps = {clean: jax.jit(train.make_train_step(model, tx, False, clean_gradient=clean))
+  steps = {clean: jax.jit(train.make_train_step(
+      model, tx, is_regression=False, clean_gradient=clean))
            for clean in (True, False)}
   (with_clean, loss), (without_clean, loss_without) = (
       steps[clean](state, batch) for clean in (True, False))
