@@ -338,3 +338,13 @@ def test_glue_quality_keeps_results_when_only_the_data_folder_moved(tmp_path):
   calls = []
   again = glue_quality.run([*argv, "--glue-dir", "/b"], trainer=_fake_trainer(SCORES, calls))
   assert calls == [] and again["counts"]["skipped"] == 2
+
+
+def test_readme_quality_tables_are_the_committed_summary():
+  # The README's cpu-small tables are pasted from summary.md; re-tabulating without
+  # updating the README (or the reverse) must not go unnoticed.
+  summary = common.RESULTS / "glue_quality" / "cpu-small" / "summary.md"
+  readme = (common.RESULTS.parent / "README.md").read_text().splitlines()
+  rows = [line for line in summary.read_text().splitlines() if line.startswith("| `")]
+  assert rows
+  assert [line for line in rows if line not in readme] == []
