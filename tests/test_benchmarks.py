@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import types
 
 import jax
@@ -348,3 +349,22 @@ def test_readme_quality_tables_are_the_committed_summary():
   rows = [line for line in summary.read_text().splitlines() if line.startswith("| `")]
   assert rows
   assert [line for line in rows if line not in readme] == []
+
+
+def test_readme_step_cost_figures_are_the_committed_run():
+  # The README's cpu-2core tables are a hand-made digest of step_cost.json (rounded
+  # medians, ratios, and the goals' "this run" column); they must not drift from it.
+  run = json.loads((common.RESULTS / "cpu-2core" / "step_cost.json").read_text())
+  readme = (common.RESULTS.parent / "README.md").read_text()
+  section = readme[readme.index("### Step cost: `cpu-2core`"):readme.index("### GLUE quality")]
+  row_pattern = re.compile(r"^\| `([^`]+)`[^|]*\| ([\d,]+) \|[^|]*\| ([\d.]+) \| ([\d.]+) \|",
+                           re.MULTILINE)
+  readme_rows = {name: rest for name, *rest in row_pattern.findall(section)}
+  assert set(readme_rows) == {row["name"] for row in run["rows"]}
+  for row in run["rows"]:
+    expected = [f"{round(row['median_s'] * 1000):,}", f"{row['ratio_to_adamw']:.3f}",
+                f"{row['ratio_to_floor']:.3f}"]
+    assert readme_rows[row["name"]] == expected, row["name"]
+  goal_table = section[section.index("| goal | this run |"):].split("\n\n")[0]
+  this_run_column = [line.split(" | ")[1] for line in goal_table.splitlines()[2:]]
+  assert this_run_column == [f"{goal['measured']:.3f}" for goal in run["goals"]]
