@@ -341,11 +341,14 @@ def test_glue_quality_keeps_results_when_only_the_data_folder_moved(tmp_path):
   assert calls == [] and again["counts"]["skipped"] == 2
 
 
+BENCHMARKS_README = common.RESULTS.parent / "README.md"
+
+
 def test_readme_quality_tables_are_the_committed_summary():
   # The README's cpu-small tables are pasted from summary.md; re-tabulating without
   # updating the README (or the reverse) must not go unnoticed.
   summary = common.RESULTS / "glue_quality" / "cpu-small" / "summary.md"
-  readme = (common.RESULTS.parent / "README.md").read_text().splitlines()
+  readme = BENCHMARKS_README.read_text().splitlines()
   rows = [line for line in summary.read_text().splitlines() if line.startswith("| `")]
   assert rows
   assert [line for line in rows if line not in readme] == []
@@ -355,7 +358,7 @@ def test_readme_step_cost_figures_are_the_committed_run():
   # The README's cpu-2core tables are a hand-made digest of step_cost.json (rounded
   # medians, ratios, and the goals' "this run" column); they must not drift from it.
   run = json.loads((common.RESULTS / "cpu-2core" / "step_cost.json").read_text())
-  readme = (common.RESULTS.parent / "README.md").read_text()
+  readme = BENCHMARKS_README.read_text()
   section = readme[readme.index("### Step cost: `cpu-2core`"):readme.index("### GLUE quality")]
   row_pattern = re.compile(r"^\| `([^`]+)`[^|]*\| ([\d,]+) \|[^|]*\| ([\d.]+) \| ([\d.]+) \|",
                            re.MULTILINE)
