@@ -15,7 +15,8 @@ import sys
 from typing import Any, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # committed results
+SCRATCH = ROOT / "runs"  # ad-hoc results (git-ignored)
 
 _PACKAGES = ("jax", "jaxlib", "optax", "flax", "numpy", "transformers", "torch", "scipy")
 

@@ -19,9 +19,11 @@ fresh subprocess (a process-wide peak cannot be reset between rows).
 A second study times the per-example work (the per-example Fisher of FSAM and
 per-instance SAM) against chunk size and batch size.
 
-Results go to ``benchmarks/results/<device-kind>/``: ``step_cost.json``,
+Results go to ``runs/step_cost/<device-kind>/`` (or ``--output-dir``): ``step_cost.json``,
 ``step_cost.md`` and ``step_cost.png`` / ``step_cost_scaling.png``, stamped with the
-device, the versions and the command.
+device, the versions and the command. ``--publish`` writes them to
+``benchmarks/results/<device-kind>/`` instead, replacing the committed table: quick and
+ad-hoc runs never touch it unless told to.
 """
 
 from __future__ import annotations
@@ -771,10 +773,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--quick", action="store_true",
                       help="a short run for a CPU: batch 16, length 64, 3 rounds of 1 "
                       "step, a three-point scaling grid")
-  parser.add_argument("--output-dir", help="default: benchmarks/results/<device-kind>")
+  parser.add_argument("--output-dir", help="default: runs/step_cost/<device-kind>")
+  parser.add_argument("--publish", action="store_true",
+                      help="write to benchmarks/results/<device-kind>, replacing the "
+                      "committed results")
   parser.add_argument("--note", help="a remark stamped on the results (e.g. shared cores)")
   parser.add_argument("--measure-peak-row", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.publish and args.output_dir:
+    parser.error("--publish writes to benchmarks/results/<device-kind>; drop --output-dir")
   quick = args.quick
   defaults = dict(batch_size=16 if quick else 32, length=64 if quick else 128,
                   rounds=3 if quick else 7, repeats=1 if quick else 3,
@@ -797,6 +804,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.scaling_batch_sizes = []
     args.scaling_chunk_sizes = []
   return args
+
+
+def output_folder(args: argparse.Namespace, kind: str) -> pathlib.Path:
+  """Where results go: the committed folder only with ``--publish``."""
+  if args.publish:
+    return common.RESULTS / kind
+  return pathlib.Path(args.output_dir or common.SCRATCH / "step_cost" / kind)
 
 
 def _step_row_names(methods: Sequence[str]) -> list[str]:
@@ -884,7 +898,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       "state and the batch")
   records = build_rows_json(rows, args, peaks)
   result = {"meta": meta, "rows": records, "scaling": [], "notes": notes}
-  folder = pathlib.Path(args.output_dir) if args.output_dir else common.RESULTS / kind
+  folder = output_folder(args, kind)
 
   def write(final: bool) -> str:
     meta["load_average_after"] = common.load_average()

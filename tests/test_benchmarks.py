@@ -46,7 +46,18 @@ def test_timings_are_positive(step_result):
     assert row["median_s"] > 0
     assert row["n"] == 2 and len(row["samples_s"]) == 2  # rounds x repeats
     assert all(t > 0 for t in row["samples_s"])
-    assert row["median_s"] == pytest.approx(float(np.median(row["samples_s"])), rel=1e-4)
+    # Samples are stored to the microsecond; the median is of the unrounded times.
+    assert row["median_s"] == pytest.approx(float(np.median(row["samples_s"])), abs=1e-6)
+
+
+def test_only_publish_replaces_the_committed_results():
+  committed = common.RESULTS / "cpu-2core"
+  for argv in ([], ["--quick"], ["--methods", "adamw", "sam"]):
+    folder = step_cost.output_folder(step_cost.parse_args(argv), "cpu-2core")
+    assert folder == common.ROOT / "runs" / "step_cost" / "cpu-2core", argv
+  assert step_cost.output_folder(step_cost.parse_args(["--publish"]), "cpu-2core") == committed
+  with pytest.raises(SystemExit):
+    step_cost.parse_args(["--publish", "--output-dir", "/tmp/x"])
 
 
 def test_ratios_come_from_the_same_run(step_result):

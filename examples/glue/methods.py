@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import optax
+import tqdm
 
 import optax_sam
 
@@ -119,9 +120,10 @@ def _before_base(constructor: str, *context_keywords: str) -> Builder:
 
 
 def _child_tuning_d(hyperparameters, context, base):
-  mask = optax_sam.child_tuning_d_mask(
-      context.loss_fn_for, context.params, context.train_batches(),
-      num_batches=context.num_train_batches, **hyperparameters)
+  batches = tqdm.tqdm(context.train_batches(), total=context.num_train_batches,
+                      desc="child_tuning_d_mask", unit="batch", disable=None)
+  mask = optax_sam.child_tuning_d_mask(context.loss_fn_for, context.params, batches,
+                                       **hyperparameters)
   return optax.chain(optax_sam.child_tuning_d(mask), base)
 
 

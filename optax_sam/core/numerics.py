@@ -6,7 +6,6 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -156,7 +155,7 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
   """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     hint = ""
-    if isinstance(value, (jax.Array, np.ndarray)):
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
       # optax.inject_hyperparams turns every numeric argument into an array.
       hint = (f" It fixes shapes or loop lengths, so it cannot be an array or a traced "
               f"value; with optax.inject_hyperparams, list it in "

@@ -159,9 +159,6 @@ def child_tuning_d_mask(
     batches: Iterable[Any],
     keep_ratio: float = 0.3,
     scope: Optional[selection_lib.Selection] = None,
-    *,
-    num_batches: Optional[int] = None,
-    progress: bool = True,
 ) -> Any:
   """Child-Tuning_D's child network: the top ``keep_ratio`` of accumulated ``g²``.
 
@@ -177,15 +174,14 @@ def child_tuning_d_mask(
       per-example losses (their mean is differentiated) or its scalar loss (use that to
       exclude padding with a masked mean). It is traced under ``jax.jit``.
     params: the pre-trained parameters.
-    batches: an iterable of batches, typically one epoch of the training data.
+    batches: an iterable of batches, typically one epoch of the training data (wrap it
+      in a progress bar such as ``tqdm.tqdm(batches)`` to watch the pass).
     keep_ratio: fraction in ``(0, 1]`` of the in-scope entries to keep (the paper's
       ``p_D``; 0.3).
     scope: the parameters that compete (predicate on paths or pytree of bools). Default
       :func:`optax_sam.subnetworks.encoder_dense_kernels`. The authors' code pools every
       parameter whose name contains ``layer`` (LayerNorms and biases of the encoder
       layers too).
-    num_batches: the length of ``batches`` for the progress bar, if it has no ``len``.
-    progress: show a ``tqdm`` progress bar (when ``tqdm`` is installed).
 
   Returns:
     A pytree of bool arrays shaped like ``params``, for :func:`child_tuning_d`.
@@ -195,8 +191,7 @@ def child_tuning_d_mask(
     >>> params = {"encoder": {"kernel": jnp.zeros((2, 2))}, "head": jnp.zeros(2)}
     >>> batches = [jnp.array([[1.0, 2.0], [0.5, 3.0]])] * 3
     >>> loss_fn_for = lambda x: lambda p: x @ p["encoder"]["kernel"] @ jnp.ones(2)
-    >>> mask = optax_sam.child_tuning_d_mask(loss_fn_for, params, batches, keep_ratio=0.5,
-    ...                                      progress=False)
+    >>> mask = optax_sam.child_tuning_d_mask(loss_fn_for, params, batches, keep_ratio=0.5)
     >>> mask["encoder"]["kernel"]
     Array([[False, False],
            [ True,  True]], dtype=bool)
@@ -218,7 +213,7 @@ def child_tuning_d_mask(
 
   total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), pooled(params))
   seen = 0
-  for batch in _with_progress(batches, num_batches, progress):
+  for batch in batches:
     total = accumulate(total, params, batch)
     seen += 1
   if not seen:
@@ -229,14 +224,3 @@ def child_tuning_d_mask(
   kept = topk.global_topk_mask(scores, in_scope, keep_ratio)
   return jax.tree.map(lambda p, m: jnp.broadcast_to(m, jnp.shape(p)), params, kept)
 
-
-def _with_progress(batches: Iterable[Any], total: Optional[int], progress: bool):
-  if not progress:
-    return batches
-  try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return batches
-  if total is None and hasattr(batches, "__len__"):
-    total = len(batches)
-  return tqdm(batches, total=total, desc="child_tuning_d_mask", unit="batch")
