@@ -249,3 +249,19 @@ def test_usage_errors_are_one_line_with_exit_status_2(argv, message, tiny_model,
   assert status == 2
   error = capsys.readouterr().err
   assert error.startswith("error: " + message) and error.count("\n") == 1
+
+
+@needs_glue
+def test_data_seed_chooses_the_subsample_and_defaults_to_the_seed(tiny_model, tmp_path,
+                                                                  monkeypatch):
+  seeds = []
+  subsample = train.data.stratified_subsample
+
+  def recording(split, size, seed, is_regression):
+    seeds.append(seed)
+    return subsample(split, size, seed, is_regression)
+
+  monkeypatch.setattr(train.data, "stratified_subsample", recording)
+  _run(tiny_model, tmp_path / "default", "--seed", "3", "--max-steps", "1")
+  _run(tiny_model, tmp_path / "fixed", "--seed", "3", "--data-seed", "0", "--max-steps", "1")
+  assert seeds == [3, 0]

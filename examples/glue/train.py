@@ -94,6 +94,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="global-norm clipping; 0 disables")
   parser.add_argument("--dropout", type=float, help="override the model's dropout")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data-seed", type=int,
+                      help="seeds the --train-size subsample (default: --seed); fix it to "
+                      "train every seed on the same examples")
   parser.add_argument("--num-devices", type=_positive_int,
                       help="devices to shard the batch over (default: all local devices)")
   parser.add_argument("--output-dir", help="default: runs/<task>-<method>-<seed>")
@@ -339,8 +342,9 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
     raise UsageError(f"--max-length {args.max_length} (padded to a multiple of "
                      f"{multiple}) exceeds the model's {positions} positions")
   glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
+  data_seed = args.seed if args.data_seed is None else args.data_seed
   train_split = data.stratified_subsample(data.load_split(task, "train", glue_dir),
-                                          args.train_size, args.seed, task.is_regression)
+                                          args.train_size, data_seed, task.is_regression)
   train_set = data.encode(train_split, tokenizer, args.max_length)
   dev_set = data.encode(data.load_split(task, "dev", glue_dir), tokenizer,
                         args.max_length)
