@@ -1,6 +1,7 @@
 """optax-sam: sharpness-aware and subnetwork fine-tuning optimizers as Optax transforms."""
 
 from optax_sam import fisher
+from optax_sam import flatness
 from optax_sam import perturbations
 from optax_sam import subnetworks
 from optax_sam.core.loss import PerExampleLoss
@@ -34,6 +35,7 @@ __all__ = (
     "dps",
     "dps_frozen",
     "fisher",
+    "flatness",
     "fsam",
     "gasam",
     "microbatched_loss",
