@@ -70,7 +70,8 @@ def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
       continue
     keywords = inspect.signature(getattr(optax_sam, method.constructor)).parameters
     assert set(method.flags.values()) <= set(keywords), method.name
-  for name in ("delta_sam", "dps", "child_tuning_d_mask"):  # Library additions appear.
+  for name in ("delta_sam", "dps", "child_tuning_d_mask", "dps_mix",
+               "mixout"):  # Library additions appear.
     assert hasattr(optax_sam, name) == any(
         m.constructor == name for m in methods.METHODS.values())
 

@@ -57,6 +57,8 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("--update-ratio", float, "DPS: stage length as a fraction of all steps"),
     Hyperparameter("--exclude-ratio", float, "DPS: fraction of each matrix left out"),
     Hyperparameter("--p-keep", float, "Child-Tuning_F: probability of keeping an entry"),
+    Hyperparameter("--mixout-p", float,
+                   "Mixout, DPS-Mix: probability of mixing a neuron back to its target"),
 )
 
 
@@ -100,6 +102,9 @@ class Method:
     reads_clean_gradient: whether the optimizer uses the values of the gradient it is
       given; δ-SAM builds its ascent from its own reweighted pass, so its training step
       can skip the clean backward pass.
+    params_transform: ``(params, opt_state) -> params`` the training loss sees instead
+      of the parameters (Mixout's mixed weights), or ``None``; evaluation and the
+      exported model use the parameters themselves.
   """
 
   name: str
@@ -107,6 +112,7 @@ class Method:
   flags: Mapping[str, str]
   build: Builder
   reads_clean_gradient: bool = True
+  params_transform: Optional[Callable[[Any, Any], Any]] = None
 
 
 def _before_base(constructor: str, *context_keywords: str) -> Builder:
@@ -131,6 +137,17 @@ def _dps_frozen(hyperparameters, context, base):
   return optax_sam.dps_frozen(base, total_steps=context.total_steps, **hyperparameters)
 
 
+def _in_scope(build: Builder, scope: Callable[[str, Any], bool]) -> Builder:
+  """``build`` with the method's ``scope`` (the parameters it masks or mixes) fixed."""
+  return lambda hyperparameters, context, base: build(
+      {**hyperparameters, "scope": scope}, context, base)
+
+
+def _mixout_params(params: Any, opt_state: Any) -> Any:
+  # Looked up when called, so that this module imports with an optax_sam that lacks it.
+  return optax_sam.mixout_params(params, opt_state)
+
+
 _RHO = {"rho": "rho"}
 _DPS = {"update_ratio": "update_ratio", "exclude_ratio": "exclude_ratio"}
 _ALL_METHODS = (
@@ -152,6 +169,14 @@ _ALL_METHODS = (
            _before_base("per_instance_sam")),
     Method("dps", "dps", _DPS, _before_base("dps", "total_steps")),
     Method("dps-frozen", "dps_frozen", _DPS, _dps_frozen),
+    Method("dps-mix", "dps_mix", {**_DPS, "mixout_p": "mixout_p"},
+           _in_scope(_before_base("dps_mix", "total_steps", "seed"),
+                     optax_sam.subnetworks.encoder_dense_kernels),
+           params_transform=_mixout_params),
+    Method("mixout", "mixout", {"mixout_p": "p"},
+           _in_scope(_before_base("mixout", "seed"),
+                     optax_sam.subnetworks.encoder_dense_kernels),
+           params_transform=_mixout_params),
     Method("child-tuning-f", "child_tuning_f", {"p_keep": "p_keep"},
            _before_base("child_tuning_f", "seed")),
     Method("child-tuning-d", "child_tuning_d_mask", {"keep_ratio": "keep_ratio"},
