@@ -39,6 +39,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
@@ -328,13 +329,24 @@ def measure_flatness_subprocess(run: Run, folder: pathlib.Path, rho: float) -> i
                           stderr=subprocess.STDOUT, check=False).returncode
 
 
-def commit_run(folder: pathlib.Path, message: str) -> None:
-  """Commits one finished run folder (only that folder, whatever else is staged)."""
-  relative = folder.resolve().relative_to(common.ROOT)
-  subprocess.run(["git", "add", "-f", "--", str(relative)], cwd=common.ROOT, check=True,
-                 capture_output=True)
-  subprocess.run(["git", "commit", "-q", "-m", message, "--", str(relative)],
-                 cwd=common.ROOT, check=True, capture_output=True)
+def commit_run(folder: pathlib.Path, message: str, attempts: int = 10) -> bool:
+  """Commits one finished run folder (only that folder, whatever else is staged).
+
+  Retries while another git command holds the index; returns whether it committed (a
+  run that could not be committed stays on disk, for the next commit to take).
+  """
+  relative = str(folder.resolve().relative_to(common.ROOT))
+  for attempt in range(attempts):
+    added = subprocess.run(["git", "add", "-f", "--", relative], cwd=common.ROOT,
+                           capture_output=True, text=True, check=False)
+    committed = added.returncode == 0 and subprocess.run(
+        ["git", "commit", "-q", "-m", message, "--", relative], cwd=common.ROOT,
+        capture_output=True, text=True, check=False).returncode == 0
+    if committed:
+      return True
+    time.sleep(min(2 ** attempt, 30))
+  print(f"warning: could not commit {relative}; it stays on disk", file=sys.stderr)
+  return False
 
 
 Trainer = Callable[[Run, pathlib.Path], int]
