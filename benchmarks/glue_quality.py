@@ -174,7 +174,7 @@ _register(Experiment(
         "its plateau, checked by doubling the epochs."),
     recipe=CPU_RECIPE,
     blocks=(
-        Block(("stsb", "sst2", "mrpc"), (0,), _calibration_arms([8, 16])),
+        Block(("stsb", "sst2", "mrpc"), (0,), _calibration_arms([4, 8, 16])),
         Block(("cola", "rte"), (0,), _calibration_arms([16])),
     ),
     references=()))
