@@ -31,6 +31,7 @@ goes to ``runs/glue_quality/<experiment>/`` unless ``--output-dir`` says otherwi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -353,12 +354,33 @@ Trainer = Callable[[Run, pathlib.Path], int]
 Measurer = Callable[[Run, pathlib.Path, float], int]
 
 
+def _train_and_measure(run: Run, folder: pathlib.Path, experiment: Experiment,
+                       trainer: Trainer, measurer: Measurer) -> dict[str, Any]:
+  """Trains one run and measures its flatness; returns its ``result.json`` record.
+
+  Raises:
+    RuntimeError, OSError: if either step failed (the message says where to look).
+  """
+  status = trainer(run, folder)
+  if status != 0:
+    raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
+  log = read_log(folder)
+  flatness = None
+  if experiment.flatness:
+    status = measurer(run, folder, experiment.flatness_rho)
+    if status != 0:
+      raise RuntimeError(f"flatness: exit status {status}; see {folder / 'flatness.out'}")
+    flatness = json.loads((folder / FLATNESS_FILE).read_text(encoding="utf-8"))
+  return result_record(run, log, flatness)
+
+
 def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
             trainer: Trainer = train_subprocess,
             measurer: Measurer = measure_flatness_subprocess, keep_models: bool = False,
-            commit: bool = False, progress: bool = True
+            commit: bool = False, parallel: int = 1, progress: bool = True
             ) -> tuple[list[dict[str, Any]], int, list[str]]:
-  """Runs what has not finished; returns (results, how many were kept, failures)."""
+  """Runs what has not finished, ``parallel`` at a time; returns (results, how many were
+  kept, failures). Results are written, and committed, one at a time as runs end."""
   results, failures = [], []
   pending = []
   for run in runs:
@@ -368,35 +390,32 @@ def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
     else:
       results.append(done)
   kept = len(results)
-  iterator: Iterable[Run] = pending
+  bar = None
   if progress and pending:
     import tqdm  # pylint: disable=g-import-not-at-top
-    iterator = tqdm.tqdm(pending, desc=f"{experiment.name} runs", unit="run")
-  for run in iterator:
-    folder = run.folder(root)
-    try:
-      status = trainer(run, folder)
-      if status != 0:
-        raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
-      log = read_log(folder)
-      flatness = None
-      if experiment.flatness:
-        status = measurer(run, folder, experiment.flatness_rho)
-        if status != 0:
-          raise RuntimeError(f"flatness: exit status {status}; see "
-                             f"{folder / 'flatness.out'}")
-        flatness = json.loads((folder / FLATNESS_FILE).read_text(encoding="utf-8"))
-    except (RuntimeError, OSError) as error:
-      failures.append(f"{run.name}: {error}")
-      continue
-    result = result_record(run, log, flatness)
-    common.write_json(folder / RESULT_FILE, result)
-    if not keep_models:
-      shutil.rmtree(folder / "model", ignore_errors=True)
-      (folder / "checkpoint.msgpack").unlink(missing_ok=True)
-    if commit:
-      commit_run(folder, f"{experiment.name}: {run.name} ({_headline(result)})")
-    results.append(result)
+    bar = tqdm.tqdm(total=len(pending), desc=f"{experiment.name} runs", unit="run")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    futures = {pool.submit(_train_and_measure, run, run.folder(root), experiment, trainer,
+                           measurer): run for run in pending}
+    for future in concurrent.futures.as_completed(futures):
+      run = futures[future]
+      folder = run.folder(root)
+      if bar is not None:
+        bar.update()
+      try:
+        result = future.result()
+      except (RuntimeError, OSError) as error:
+        failures.append(f"{run.name}: {error}")
+        continue
+      common.write_json(folder / RESULT_FILE, result)
+      if not keep_models:
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        (folder / "checkpoint.msgpack").unlink(missing_ok=True)
+      if commit:
+        commit_run(folder, f"{experiment.name}: {run.name} ({_headline(result)})")
+      results.append(result)
+  if bar is not None:
+    bar.close()
   return results, kept, failures
 
 
@@ -700,6 +719,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="default: benchmarks/results/glue_quality/<experiment>")
   parser.add_argument("--keep-models", action="store_true",
                       help="keep each run's checkpoint and saved model")
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="training runs at a time (an accelerator shared by several; "
+                      "each gets 1/N of its memory)")
   parser.add_argument("--commit", action="store_true",
                       help="git-commit each run folder as soon as the run has finished")
   parser.add_argument("--aggregate-only", action="store_true",
@@ -736,13 +758,16 @@ def run(argv: Optional[Sequence[str]] = None, *, trainer: Trainer = train_subpro
       print(f"{r.folder(root)}: python -m examples.glue.train {' '.join(r.train_args)}")
     print(f"{len(runs)} runs")
     return {"planned": len(runs), "runs": runs}
+  if args.parallel > 1:
+    # Runs sharing one accelerator each preallocate their share of its memory, not 75%.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
   if args.aggregate_only:
     results = [done for r in runs if (done := finished(r, root)) is not None]
     kept, failures = len(results), []
   else:
     results, kept, failures = execute(runs, root, experiment, trainer=trainer,
                                       measurer=measurer, keep_models=args.keep_models,
-                                      commit=args.commit)
+                                      commit=args.commit, parallel=args.parallel)
   meta = common.stamp(SCRIPT, argv)
   summary = summarize(results, experiment=experiment, meta=meta, planned=len(runs),
                       kept=kept, failures=failures, root=root, glue_dir=glue_dir)

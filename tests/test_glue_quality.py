@@ -244,3 +244,11 @@ def test_commit_run_commits_only_that_folder(tmp_path, monkeypatch):
   assert git("show", "--name-only", "--format=").split() == [
       "results/runs/rte/sam/seed0/result.json"]
   assert git("diff", "--cached", "--name-only").split() == ["other.txt"]
+
+
+def test_parallel_runs_give_the_same_summary(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # restored afterwards
+  serial = _run(["--output-dir", str(tmp_path / "serial")])
+  parallel = _run(["--output-dir", str(tmp_path / "parallel"), "--parallel", "4"])
+  assert parallel["aggregate"] == serial["aggregate"]
+  assert len(parallel["results"]) == len(serial["results"]) == 20
