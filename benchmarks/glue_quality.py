@@ -180,6 +180,24 @@ _register(Experiment(
     ),
     references=()))
 
+# For context: AdamW on each full training set (SST-2: one epoch of its 67k sentences).
+_FULL_DATA = ("--batch-size", "32", "--warmup-ratio", "0.1", "--weight-decay", "0.01",
+              "--lr", "1e-4")
+FULL_DATA_RECIPE = _recipe(_FULL_DATA, {
+    "stsb": (*_SHORT, "--epochs", "3"), "sst2": (*_SHORT, "--epochs", "1"),
+    "mrpc": (*_LONG, "--epochs", "3"), "cola": (*_SHORT, "--epochs", "3"),
+    "rte": (*_LONG, "--epochs", "3")})
+_register(Experiment(
+    name="full-data",
+    description=(
+        "For context: AdamW, seed 0, on each full training set (3 epochs; SST-2 one), "
+        "batch 32, lr 1e-4, 10% warm-up then linear decay, weight decay 0.01, the "
+        "embedded all-MiniLM-L6-v2."),
+    recipe=FULL_DATA_RECIPE,
+    blocks=(Block(("stsb", "sst2", "mrpc", "cola", "rte"), (0,),
+                  (Arm("adamw@full", "adamw", reference=None),)),),
+    references=()))
+
 
 # ---------------------------------------------------------------------------------------
 # Planning and running.
