@@ -180,6 +180,26 @@ _register(Experiment(
     ),
     references=()))
 
+RHO_SWEEP = (0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def _rho_arms(values: Sequence[float], method: str = "sam") -> tuple[Arm, ...]:
+  return tuple(Arm(f"{method}@rho={value:g}", method, ("--rho", f"{value:g}"), x=value)
+               for value in values)
+
+
+_register(Experiment(
+    name="rho",
+    description=(
+        "SAM's radius for this 22M-parameter model: SAM at each rho against AdamW, two "
+        "seeds, on the calibrated low-resource recipe (the papers' rho was set for "
+        "110M-355M models; SAM's normalised step moves each weight of a smaller model "
+        "further)."),
+    recipe=CPU_RECIPE,
+    blocks=(Block(("stsb",), (0, 1), (Arm("adamw", "adamw", reference=None),
+                                      *_rho_arms(RHO_SWEEP))),),
+    flatness=True))
+
 # For context: AdamW on each full training set (SST-2: one epoch of its 67k sentences).
 _FULL_DATA = ("--batch-size", "32", "--warmup-ratio", "0.1", "--weight-decay", "0.01",
               "--lr", "1e-4")
