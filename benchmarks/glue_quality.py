@@ -177,6 +177,10 @@ _register(Experiment(
     blocks=(
         Block(("stsb", "sst2", "mrpc"), (0,), _calibration_arms([4, 8, 16])),
         Block(("cola", "rte"), (0,), _calibration_arms([16])),
+        # MRPC learns little at lr 1e-4 (its trivial score is 74.8), CoLA and RTE maybe
+        # nothing: other learning rates before concluding.
+        Block(("mrpc", "cola", "rte"), (0,), _calibration_arms([16], lr="3e-5")),
+        Block(("mrpc",), (0,), _calibration_arms([8], lr="2e-4")),
     ),
     references=()))
 
