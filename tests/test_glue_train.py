@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ from examples.glue import checkpoint
 from examples.glue import methods
 from examples.glue import model as model_lib
 from examples.glue import train
+from tests import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "glue"))
@@ -75,6 +75,41 @@ def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
         m.constructor == name for m in methods.METHODS.values())
 
 
+def test_subnetwork_methods_keep_the_papers_scope(monkeypatch):
+  """The library's default scope is every matrix; the example passes the papers' BERT
+  scope, which on this model is the encoder's and pooler's kernels."""
+  scopes = {}
+
+  def recorder(constructor):
+    def record(*args, scope, **kwargs):
+      del args, kwargs
+      scopes[constructor] = scope
+      return optax.identity()
+    return record
+
+  for constructor in ("dps", "dps_frozen", "child_tuning_f", "child_tuning_d_mask"):
+    monkeypatch.setattr(optax_sam, constructor, recorder(constructor))
+  monkeypatch.setattr(optax_sam, "child_tuning_d", lambda mask: optax.identity())
+  context = methods.MethodContext(total_steps=100, seed=0, params=None,
+                                  loss_fn_for=None, train_batches=lambda: [],
+                                  num_train_batches=0)
+  for name in ("dps", "dps-frozen", "child-tuning-f", "child-tuning-d"):
+    methods.METHODS[name].build({}, context, optax.identity())
+  assert scopes == dict.fromkeys(
+      ("dps", "dps_frozen", "child_tuning_f", "child_tuning_d_mask"), methods.PAPER_SCOPE)
+
+  ids = np.zeros((1, 4), np.int32)
+  shapes = jax.eval_shape(model_lib.SequenceClassifier(checkpoint.encoder_config(TINY_BERT),
+                                                       2).init,
+                          jax.random.key(0), ids, ids, ids)["params"]
+  chosen = {"/".join(k.key for k in path) for path, x in
+            jax.tree_util.tree_flatten_with_path(shapes)[0]
+            if methods.PAPER_SCOPE("/".join(k.key for k in path), x)}
+  assert chosen == {"pooler/kernel", *(f"encoder/layer_0/{name}/kernel" for name in (
+      "attention/query", "attention/key", "attention/value", "attention/output",
+      "intermediate", "output"))}
+
+
 def test_only_flags_that_were_given_reach_the_constructor():
   args = train.parse_args(["--task", "rte", "--method", "fsam", "--rho", "0.01",
                            "--keep-ratio", "0.2", "--fisher", "squared_gradient"])
@@ -129,8 +164,8 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
   (with_clean, loss), (without_clean, loss_without) = (
       steps[clean](state, batch) for clean in (True, False))
   assert float(loss) == float(loss_without)
-  chex.assert_trees_all_close(with_clean.params, without_clean.params, rtol=1e-6,
-                              atol=1e-7)
+  harness.assert_trees_close(with_clean.params, without_clean.params, rtol=1e-6,
+                             atol=1e-7)
   flops = {clean: steps[clean].lower(state, batch).compile().cost_analysis()["flops"]
            for clean in (True, False)}
   # One backward pass less (for this model about 7% of a δ-SAM step: XLA shares the

@@ -11,4 +11,5 @@ from optax_sam.subnetworks.dps import DPSState
 from optax_sam.subnetworks.dps import dps
 from optax_sam.subnetworks.dps import dps_frozen
 from optax_sam.subnetworks.dps import per_matrix_topk_mask
+from optax_sam.subnetworks.scope import all_matrices
 from optax_sam.subnetworks.scope import encoder_dense_kernels
