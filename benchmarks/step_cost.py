@@ -52,8 +52,8 @@ import tqdm
 
 import optax_sam
 from benchmarks import common
-from examples.glue import checkpoint as checkpoint_lib
 from examples.glue import model as model_lib
+from examples.glue import pretrained as pretrained_lib
 from optax_sam.core import selection as selection_lib
 
 SCRIPT = "benchmarks/step_cost.py"
@@ -134,8 +134,8 @@ def random_batch(rng: np.random.Generator, size: int, length: int,
 def make_setup(args: argparse.Namespace) -> Setup:
   """Loads the checkpoint (or draws random weights) and a random batch."""
   if args.model_dir or args.config == "minilm":
-    folder = pathlib.Path(args.model_dir or checkpoint_lib.default_model_dir())
-    pretrained = checkpoint_lib.load_pretrained(folder, NUM_LABELS, seed=0, dropout=0.0)
+    folder = pathlib.Path(args.model_dir or pretrained_lib.default_model_dir())
+    pretrained = pretrained_lib.load_pretrained(folder, NUM_LABELS, seed=0, dropout=0.0)
     config, params = pretrained.config, pretrained.params
     description = f"checkpoint {folder.name if args.model_dir else 'all-MiniLM-L6-v2'}"
   else:

@@ -14,9 +14,9 @@ import optax
 import pytest
 
 import optax_sam
-from examples.glue import checkpoint
 from examples.glue import methods
 from examples.glue import model as model_lib
+from examples.glue import pretrained
 from examples.glue import train
 from tests import harness
 
@@ -36,13 +36,13 @@ TINY_BERT = {
 def tiny_model(tmp_path_factory) -> pathlib.Path:
   """A random 1-layer BERT with the MiniLM vocabulary, as a Hugging Face folder."""
   folder = tmp_path_factory.mktemp("tiny_bert")
-  config = checkpoint.encoder_config(TINY_BERT)
+  config = pretrained.encoder_config(TINY_BERT)
   module = model_lib.SequenceClassifier(config, 2)
   ids = np.zeros((1, 4), np.int32)
   params = module.init(jax.random.key(0), ids, ids, ids)["params"]
   del params["classifier"]  # Like a pre-trained encoder: the head starts fresh.
-  checkpoint.save_pretrained(folder, params, TINY_BERT)
-  checkpoint.load_tokenizer(checkpoint.default_model_dir()).save_pretrained(str(folder))
+  pretrained.save_pretrained(folder, params, TINY_BERT)
+  pretrained.load_tokenizer(pretrained.default_model_dir()).save_pretrained(str(folder))
   return folder
 
 
@@ -60,7 +60,7 @@ def _run(model, output_dir, *flags, task="wnli"):
 
 
 def _final_params(output_dir, num_labels=2):
-  return checkpoint.load_pretrained(output_dir / "model", num_labels).params
+  return pretrained.load_pretrained(output_dir / "model", num_labels).params
 
 
 def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
@@ -99,7 +99,7 @@ def test_subnetwork_methods_keep_the_papers_scope(monkeypatch):
       ("dps", "dps_frozen", "child_tuning_f", "child_tuning_d_mask"), methods.PAPER_SCOPE)
 
   ids = np.zeros((1, 4), np.int32)
-  shapes = jax.eval_shape(model_lib.SequenceClassifier(checkpoint.encoder_config(TINY_BERT),
+  shapes = jax.eval_shape(model_lib.SequenceClassifier(pretrained.encoder_config(TINY_BERT),
                                                        2).init,
                           jax.random.key(0), ids, ids, ids)["params"]
   chosen = {"/".join(k.key for k in path) for path, x in
@@ -120,7 +120,7 @@ def test_only_flags_that_were_given_reach_the_constructor():
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
-  config = checkpoint.encoder_config(TINY_BERT)
+  config = pretrained.encoder_config(TINY_BERT)
   module = model_lib.SequenceClassifier(config, 2)
   ids = np.zeros((1, 4), np.int32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), ids, ids, ids)["params"]
@@ -145,7 +145,7 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
   assert [name for name, method in methods.METHODS.items()
           if not method.reads_clean_gradient] == ["delta-sam"]
   # A small vocabulary, so that the passes and not AdamW's elementwise work dominate.
-  config = checkpoint.encoder_config(dict(TINY_BERT, vocab_size=1000))
+  config = pretrained.encoder_config(dict(TINY_BERT, vocab_size=1000))
   model = model_lib.SequenceClassifier(config, 2)
   rng = np.random.default_rng(0)
   batch = {"input_ids": rng.integers(1, 1000, (4, 32), dtype=np.int32),
@@ -187,7 +187,7 @@ def test_every_method_trains_a_few_jitted_steps(method, tiny_model, tmp_path):
   assert set(final[0]["metrics"]) == ({"pearson", "spearman"} if task == "stsb"
                                       else {"accuracy"})
   num_labels = 1 if task == "stsb" else 2
-  before = checkpoint.load_pretrained(tiny_model, num_labels).params
+  before = pretrained.load_pretrained(tiny_model, num_labels).params
   after = _final_params(tmp_path, num_labels)
   for module in ("encoder", "pooler"):
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before[module], after[module])
@@ -236,9 +236,9 @@ def test_short_run_of_the_embedded_checkpoint(tmp_path):
   assert records[0]["fresh_head_modules"] == ["classifier"]
   assert np.all(np.isfinite([r["loss"] for r in records if r["event"] == "train"]))
   assert 0 <= records[-1]["metrics"]["accuracy"] <= 1
-  tuned = checkpoint.load_pretrained(tmp_path / "model", num_labels=2)
+  tuned = pretrained.load_pretrained(tmp_path / "model", num_labels=2)
   assert tuned.fresh_modules == ()
-  original = checkpoint.load_pretrained(checkpoint.default_model_dir(), num_labels=2)
+  original = pretrained.load_pretrained(pretrained.default_model_dir(), num_labels=2)
   assert not np.array_equal(tuned.params["encoder"]["layer_5"]["output"]["kernel"],
                             original.params["encoder"]["layer_5"]["output"]["kernel"])
 
@@ -262,7 +262,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     (["--task", "squad"], "unknown task 'squad'; choose one of cola, sst2, mrpc, stsb, "
                           "qqp, mnli, mnli-mm, qnli, rte, wnli"),
     (["--task", "rte", "--model", "/no/such/model"],
-     "missing checkpoint file /no/such/model/config.json"),
+     "missing model file /no/such/model/config.json"),
     (["--task", "rte", "--method", "sam", "--keep-ratio", "0.1"],
      "--keep-ratio does not apply to --method sam"),
     pytest.param(["--task", "rte", "--method", "fsam", "--keep-ratio", "2", "--model",
