@@ -1,185 +1,14 @@
-"""The benchmark harnesses: what they compute and write, not how fast anything is."""
+"""The GLUE quality harness: what it computes and writes, on synthetic result files."""
 
 import json
 import math
-import re
-import types
 
-import jax
 import numpy as np
 import pytest
 import scipy.stats
 
 from benchmarks import common
 from benchmarks import glue_quality
-from benchmarks import step_cost
-
-# A two-layer random encoder, four rows of sixteen tokens, the two reference rows and SAM
-# (compiling dominates the test's time), and a two-point batch sweep for the scaling study.
-TINY_ARGS = [
-    "--config", "tiny", "--batch-size", "4", "--length", "16", "--rounds", "2",
-    "--repeats", "1", "--warmup", "1", "--methods", "adamw", "floor", "sam",
-    "--no-torch", "--scaling-batch-sizes", "2", "4",
-    "--scaling-chunk-sizes", "2", "--scaling-fixed-chunk", "2",
-    "--scaling-fixed-batch", "4", "--note", "test run",
-]
-
-
-@pytest.fixture(scope="module")
-def step_result(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("step_cost")
-  # Compiling fast matters here, the timings do not.
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    result = step_cost.run([*TINY_ARGS, "--output-dir", str(folder)])
-  finally:
-    jax.config.update("jax_disable_most_optimizations", previous)
-  return result, folder
-
-
-def test_timings_are_positive(step_result):
-  result, _ = step_result
-  names = {r["name"] for r in result["rows"]}
-  assert names == {"adamw", "floor", "sam"}
-  for row in result["rows"]:
-    assert row["median_s"] > 0
-    assert row["n"] == 2 and len(row["samples_s"]) == 2  # rounds x repeats
-    assert all(t > 0 for t in row["samples_s"])
-    # Samples are stored to the microsecond; the median is of the unrounded times.
-    assert row["median_s"] == pytest.approx(float(np.median(row["samples_s"])), abs=1e-6)
-
-
-def test_only_publish_replaces_the_committed_results():
-  committed = common.RESULTS / "cpu-2core"
-  for argv in ([], ["--quick"], ["--methods", "adamw", "sam"]):
-    folder = step_cost.output_folder(step_cost.parse_args(argv), "cpu-2core")
-    assert folder == common.ROOT / "runs" / "step_cost" / "cpu-2core", argv
-  assert step_cost.output_folder(step_cost.parse_args(["--publish"]), "cpu-2core") == committed
-  with pytest.raises(SystemExit):
-    step_cost.parse_args(["--publish", "--output-dir", "/tmp/x"])
-
-
-def test_ratios_come_from_the_same_run(step_result):
-  result, folder = step_result
-  saved = json.loads((folder / "step_cost.json").read_text())
-  for rows in (result["rows"], saved["rows"]):
-    median = {r["name"]: r["median_s"] for r in rows}
-    for row in rows:
-      assert row["ratio_to_adamw"] == pytest.approx(row["median_s"] / median["adamw"],
-                                                    rel=1e-12)
-      assert row["ratio_to_floor"] == pytest.approx(row["median_s"] / median["floor"],
-                                                    rel=1e-12)
-
-
-def test_fsam_is_amortised_over_mask_every():
-  args = step_cost.parse_args(["--fsam-mask-every", "10"])
-  rows = [step_cost.Row(name, run=None, times=times, memory={"compiled": 5})
-          for name, times in (("adamw", [1.0, 1.2, 1.1]), ("floor", [2.0, 2.0, 2.0]),
-                              ("fsam[normal]", [2.1, 2.3, 2.2]),
-                              ("fsam[refresh]", [4.0, 5.0, 6.0]))]
-  records = {r["name"]: r for r in step_cost.build_rows_json(rows, args, {})}
-  assert records["fsam"]["median_s"] == pytest.approx((9 * 2.2 + 5.0) / 10)
-  assert records["fsam"]["ratio_to_adamw"] == pytest.approx((9 * 2.2 + 5.0) / 10 / 1.1)
-  assert records["fsam[refresh]"]["ratio_to_floor"] == pytest.approx(2.5)
-  assert [r["name"] for r in step_cost.build_rows_json(rows, args, {})] == [
-      "adamw", "floor", "fsam", "fsam[normal]", "fsam[refresh]"]
-
-
-def test_memory_is_reported(step_result):
-  result, _ = step_result
-  for row in result["rows"]:
-    assert row["compiled_memory_bytes"] > 0
-    assert row["peak_bytes_in_use"] is None  # the CPU backend does not report it
-  assert any("peak device memory" in note for note in result["notes"])
-  for point in result["scaling"]:
-    analysis = point["memory_analysis"]
-    assert point["compiled_memory_bytes"] == (
-        analysis["temp"] + analysis["argument"] + analysis["output"])
-    assert point["median_s"] > 0
-  assert {(p["function"], p["batch_size"], p["chunk_size"]) for p in result["scaling"]} == {
-      (f, b, 2) for f in ("empirical_fisher", "per_instance_sam") for b in (2, 4)}
-
-
-def test_files_are_written_and_stamped(step_result):
-  result, folder = step_result
-  for name in ("step_cost.json", "step_cost.md", "step_cost.png", "step_cost_scaling.png"):
-    assert (folder / name).is_file(), name
-  for name in ("step_cost.png", "step_cost_scaling.png"):
-    assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  meta = json.loads((folder / "step_cost.json").read_text())["meta"]
-  for package in ("jax", "optax", "flax", "python", "optax_sam"):
-    assert meta["versions"][package], package
-  assert meta["command"].startswith("python benchmarks/step_cost.py --config tiny")
-  assert meta["device_kind"] == common.device_kind(jax.devices()[0])
-  assert meta["device"] and meta["note"] == "test run"
-  markdown = (folder / "step_cost.md").read_text()
-  assert meta["command"] in markdown
-  assert f"jax {meta['versions']['jax']}" in markdown
-  assert meta["device_kind"] in markdown
-  assert "## Goals" in markdown and "| `sam` |" in markdown
-
-
-def test_goals_are_computed_from_the_measured_numbers(step_result):
-  result, _ = step_result
-  median = {r["name"]: r["median_s"] for r in result["rows"]}
-  goals = {g["goal"]: g for g in result["goals"]}
-  sam_floor = goals["SAM <= 1.02 x floor"]
-  assert sam_floor["measured"] == pytest.approx(median["sam"] / median["floor"])
-  assert sam_floor["met"] == (sam_floor["measured"] <= 1.02)
-  for name in ("FSAM (refresh amortised) <= 1.05 x SAM", "DPS <= 1.05 x AdamW"):
-    assert goals[name]["measured"] is None and goals[name]["met"] is None
-  flat = [g for g in result["goals"] if "flat in batch size" in g["goal"]]
-  assert len(flat) == 2
-  for goal, function in zip(flat, ("empirical_fisher", "per_instance_sam")):
-    temp = {p["batch_size"]: p["memory_analysis"]["temp"] for p in result["scaling"]
-            if p["function"] == function}
-    assert goal["measured"] == pytest.approx(temp[4] / temp[2])
-    assert goal["met"] == (goal["measured"] <= step_cost.FLAT_LIMIT)
-
-
-def test_goal_evaluation_on_synthetic_rows():
-  rows = [{"name": n, "median_s": t} for n, t in (
-      ("adamw", 1.0), ("floor", 2.0), ("sam", 2.2), ("fsam", 2.2), ("gasam", 2.5),
-      ("delta-sam", 2.6), ("dps", 1.04), ("child-tuning-f", 1.2),
-      ("child-tuning-d", 1.0), ("optax-contrib-sam", 2.4), ("torch-sam", 4.0))]
-  scaling = [{"function": f, "batch_size": b, "chunk_size": 4,
-              "memory_analysis": {"temp": t}}
-             for f, b, t in (("empirical_fisher", 8, 100), ("empirical_fisher", 32, 105),
-                             ("per_instance_sam", 8, 100), ("per_instance_sam", 32, 400))]
-  goals = {g["goal"]: g for g in step_cost.evaluate_goals(rows, scaling, 4, "cpu")}
-  expected = {
-      "SAM <= 1.02 x floor": (1.1, False),
-      "FSAM (refresh amortised) <= 1.05 x SAM": (1.0, True),
-      "GA-SAM <= 1.03 x SAM": (2.5 / 2.2, False),
-      "delta-SAM <= 1.25 x SAM": (2.6 / 2.2, True),
-      "DPS <= 1.05 x AdamW": (1.04, True),
-      "Child-Tuning_F <= 1.05 x AdamW": (1.2, False),
-      "Child-Tuning_D <= 1.05 x AdamW": (1.0, True),
-      "SAM <= 1.0 x optax.contrib.sam (same computation)": (2.2 / 2.4, True),
-      "SAM no slower than PyTorch eager SAM (CPU)": (0.55, True),
-      "per-example Fisher memory flat in batch size at chunk 4": (1.05, True),
-      "per_instance_sam memory flat in batch size at chunk 4": (4.0, False),
-  }
-  assert set(goals) == set(expected)
-  for name, (measured, met) in expected.items():
-    assert goals[name]["measured"] == pytest.approx(measured), name
-    assert goals[name]["met"] is met, name
-  on_gpu = {g["goal"]: g for g in step_cost.evaluate_goals(rows, scaling, 4, "gpu")}
-  assert on_gpu["SAM no slower than PyTorch eager SAM (CPU)"]["met"] is None
-
-
-def test_device_kind_names():
-  cpu = types.SimpleNamespace(platform="cpu", device_kind="cpu")
-  gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
-  tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v4")
-  assert common.device_kind(cpu) == f"cpu-{common.cpu_count()}core"
-  assert common.device_kind(gpu) == "gpu-nvidia-h100"
-  assert common.device_kind(tpu) == "tpu-v4"
-
-
-# ---------------------------------------------------------------------------------------
-# glue_quality: aggregation and resumption, on synthetic result files.
 
 
 def _fake_trainer(scores, calls):
@@ -313,19 +142,6 @@ def test_cpu_small_plan_is_seed_major_with_the_papers_rho():
   assert "--rho" not in by_key["rte", "adamw", 0].train_args
 
 
-def test_torch_rows_run_a_step():
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
-  args = step_cost.parse_args(["--config", "tiny", "--batch-size", "2", "--length", "8",
-                               "--methods", "torch-adamw", "torch-sam", "--no-scaling"])
-  setup = step_cost.make_setup(args)
-  rows, why_not = step_cost.torch_rows(setup, args, threads=1)
-  assert why_not is None and [r.name for r in rows] == ["torch-adamw", "torch-sam"]
-  for row in rows:
-    row.run()
-    assert "1 threads" in row.note
-
-
 def test_glue_quality_agrees_with_the_training_command():
   from examples.glue import data  # pylint: disable=g-import-not-at-top
   from examples.glue import methods  # pylint: disable=g-import-not-at-top
@@ -363,22 +179,3 @@ def test_readme_quality_tables_are_the_committed_summary():
   rows = [line for line in summary.read_text().splitlines() if line.startswith("| `")]
   assert rows
   assert [line for line in rows if line not in readme] == []
-
-
-def test_readme_step_cost_figures_are_the_committed_run():
-  # The README's cpu-2core tables are a hand-made digest of step_cost.json (rounded
-  # medians, ratios, and the goals' "this run" column); they must not drift from it.
-  run = json.loads((common.RESULTS / "cpu-2core" / "step_cost.json").read_text())
-  readme = BENCHMARKS_README.read_text()
-  section = readme[readme.index("### Step cost: `cpu-2core`"):readme.index("### GLUE quality")]
-  row_pattern = re.compile(r"^\| `([^`]+)`[^|]*\| ([\d,]+) \|[^|]*\| ([\d.]+) \| ([\d.]+) \|",
-                           re.MULTILINE)
-  readme_rows = {name: rest for name, *rest in row_pattern.findall(section)}
-  assert set(readme_rows) == {row["name"] for row in run["rows"]}
-  for row in run["rows"]:
-    expected = [f"{round(row['median_s'] * 1000):,}", f"{row['ratio_to_adamw']:.3f}",
-                f"{row['ratio_to_floor']:.3f}"]
-    assert readme_rows[row["name"]] == expected, row["name"]
-  goal_table = section[section.index("| goal | this run |"):].split("\n\n")[0]
-  this_run_column = [line.split(" | ")[1] for line in goal_table.splitlines()[2:]]
-  assert this_run_column == [f"{goal['measured']:.3f}" for goal in run["goals"]]
