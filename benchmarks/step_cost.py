@@ -239,46 +239,51 @@ StepBuilder = Callable[[Losses, argparse.Namespace, Any],
                        tuple[optax.GradientTransformation, Step]]
 
 
-def _adamw_step(losses: Losses, args: argparse.Namespace, params: Any):
-  del args, params
-  tx, grad = _adamw(), jax.value_and_grad(losses.mean_loss)
+def _training_step(losses: Losses, update: Callable[..., Any]) -> Step:
+  """The step every JAX row shares: the clean gradient, ``update``, ``apply_updates``.
+
+  ``update(grads, opt_state, params, batch) -> (updates, opt_state)`` is the row's own
+  part.
+  """
+  grad = jax.value_and_grad(losses.mean_loss)
 
   def step(params, opt_state, batch):
     loss, grads = grad(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = update(grads, opt_state, params, batch)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return tx, step
+  return step
+
+
+def _adamw_step(losses: Losses, args: argparse.Namespace, params: Any):
+  del args, params
+  tx = _adamw()
+  return tx, _training_step(losses, lambda grads, state, params, batch: tx.update(
+      grads, state, params))
 
 
 def _floor_step(losses: Losses, args: argparse.Namespace, params: Any):
   del args, params
-  tx, grad = _adamw(), jax.value_and_grad(losses.mean_loss)
+  tx = _adamw()
 
-  def step(params, opt_state, batch):
-    loss, grads = grad(params, batch)
+  def update(grads, opt_state, params, batch):
     norm = optax.tree.norm(grads)
     perturbed = jax.tree.map(lambda w, g: w + RHO / (norm + NORM_EPS) * g, params, grads)
-    _, grads = grad(perturbed, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return tx.update(jax.grad(losses.mean_loss)(perturbed, batch), opt_state, params)
 
-  return tx, step
+  return tx, _training_step(losses, update)
 
 
 def _optax_contrib_sam_step(losses: Losses, args: argparse.Namespace, params: Any):
   del args, params
   tx = optax.contrib.sam(_adamw(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
                          opaque_mode=True)
-  grad = jax.value_and_grad(losses.mean_loss)
 
-  def step(params, opt_state, batch):
-    loss, grads = grad(params, batch)
+  def update(grads, opt_state, params, batch):
     grad_fn = lambda p, _: jax.grad(losses.mean_loss)(p, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return tx.update(grads, opt_state, params, grad_fn=grad_fn)
 
-  return tx, step
+  return tx, _training_step(losses, update)
 
 
 def _library(method: Callable[[argparse.Namespace, Any], optax.GradientTransformation]
@@ -287,15 +292,8 @@ def _library(method: Callable[[argparse.Namespace, Any], optax.GradientTransform
 
   def build(losses: Losses, args: argparse.Namespace, params: Any):
     tx = optax.chain(method(args, params), _adamw())
-    grad = jax.value_and_grad(losses.mean_loss)
-
-    def step(params, opt_state, batch):
-      loss_fn = losses.loss_fn(batch)
-      loss, grads = grad(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    return tx, step
+    return tx, _training_step(losses, lambda grads, state, params, batch: tx.update(
+        grads, state, params, loss_fn=losses.loss_fn(batch)))
 
   return build
 

@@ -1,10 +1,12 @@
 """Data parallelism on the 8 fake CPU devices of conftest.py.
 
 Under ``jax.jit`` with the batch sharded along a "data" axis and replicated parameters,
-the gradients are global, so every method must give exactly the single-device step
-(a global perturbation). Inside ``shard_map`` with ``axis_name``, each device builds its
-own ε from its local gradient ("m-sharpness") and the gradients at the perturbed points
-are averaged; that is checked against a float64 loop over the shards.
+the gradients are global, so every method of the registry (``harness.METHODS``) must
+give exactly the single-device steps (a global perturbation), with explicit and auto
+mesh axes. Inside ``shard_map`` with ``axis_name``, each device builds its own ε from
+its local gradient ("m-sharpness") and the gradients at the perturbed points are
+averaged: that is checked for every sharpness-aware method against the method run on
+each shard alone, and for SAM, ASAM and FSAM against a float64 loop over the shards.
 """
 
 from __future__ import annotations
@@ -158,6 +160,19 @@ def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh)
   harness.assert_tree_close(got_global, global_descent, rtol=1e-5, atol=1e-6)
 
 
+def per_device_descent(tx, make_loss_fn, params, batch, mesh):
+  """``tx``'s first update inside ``shard_map`` (variance checks on), from each device's
+  local clean gradient; the (averaged, replicated) descent gradient."""
+
+  def local_descent(params, local_batch):
+    loss_fn = make_loss_fn(local_batch)
+    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
+    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
+
+  return jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
+                           out_specs=P(), check_vma=True))(params, batch)
+
+
 @pytest.mark.parametrize("factory", [
     lambda axis: optax_sam.fsam(0.3, 1.0, fisher="squared_gradient", axis_name=axis),
     lambda axis: optax_sam.fsam(0.3, 1.0, fisher_chunk_size=2, axis_name=axis),
@@ -165,15 +180,7 @@ def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh)
 def test_per_device_fisher_mask_under_variance_checks(factory, mesh):
   """The Fisher top-k runs on device-varying scores; keep_ratio = 1 is per-device SAM."""
   params, batch = harness.make_problem(batch=BATCH)
-  tx = factory("data")
-
-  def local_descent(params, local_batch):
-    loss_fn = harness.batch_loss_fn(local_batch)
-    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
-    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
-
-  descent = jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
-                              out_specs=P(), check_vma=True))(params, batch)
+  descent = per_device_descent(factory("data"), harness.batch_loss_fn, params, batch, mesh)
   expected = numpy_msharpness_descent(params, batch, numpy_sam_eps(0.3))
   harness.assert_tree_close(descent, expected, rtol=1e-5, atol=1e-6)
 
@@ -183,16 +190,8 @@ def test_axis_name_in_shard_map_is_each_shard_alone_then_averaged(method, mesh):
   """Every sharpness-aware method with ``axis_name``: each device's step is the method
   run on its shard alone (its own ε, its own state), and the results are averaged."""
   params, batch = harness.make_problem(batch=BATCH)
-  tx = method.with_live(0.3, axis_name="data")
-
-  def local_descent(params, local_batch):
-    loss_fn = method.loss_fn(local_batch)
-    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
-    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
-
-  descent = jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
-                              out_specs=P(), check_vma=True))(params, batch)
-
+  descent = per_device_descent(method.with_live(0.3, axis_name="data"), method.loss_fn,
+                               params, batch, mesh)
   alone = method.with_live(0.3)
 
   @jax.jit
