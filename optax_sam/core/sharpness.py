@@ -44,7 +44,9 @@ def sharpness_aware(
       it, and the gradient at ``w + ε`` is averaged over ``axis_name``. Under
       ``shard_map`` (which tracks device variance) take the local clean gradient with
       respect to ``jax.lax.pcast(params, axis_name, to="varying")``: the gradient with
-      respect to replicated parameters is already summed over devices. The
+      respect to replicated parameters is already summed over devices. The perturbation
+      gets ``params`` marked device-varying the same way, so the gradients it takes
+      itself (a per-example Fisher, δ-SAM's reweighted pass) are local too. The
       perturbation's state (a Fisher mask, a strength average) is then per device too;
       give it ``out_specs`` that keep it per device. Leave ``None`` for the usual global
       perturbation (also under ``jax.jit`` with a sharded batch, where the gradients are
