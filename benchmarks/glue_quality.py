@@ -1,26 +1,37 @@
-r"""Fine-tunes every method (and plain AdamW) on GLUE tasks over seeds; dev-set table.
+r"""What each method buys on GLUE: dev scores over seeds, flatness, paired differences.
 
-  python benchmarks/glue_quality.py --profile cpu-small        # hours on a CPU
-  python benchmarks/glue_quality.py --profile paper --model /path/to/bert-large-cased
-  python benchmarks/glue_quality.py --profile cpu-small --tasks rte --methods adamw sam \
-      --seeds 0 --max-steps 5 --output-dir /tmp/smoke        # a smoke run
+  python benchmarks/glue_quality.py --experiment calibration --commit   # AdamW recipe
+  python benchmarks/glue_quality.py --experiment rho --commit           # SAM's rho sweep
+  python benchmarks/glue_quality.py --experiment cpu --commit           # the comparison
+  python benchmarks/glue_quality.py --experiment gpu --model PACKED/model \
+      --glue-dir PACKED/glue                                            # an accelerator
+  python benchmarks/glue_quality.py --experiment cpu --tasks stsb --methods sam \
+      --seeds 0 --max-steps 5                                           # a smoke run
 
-Each run is ``python -m examples.glue.train ... --output-dir <run folder>`` in a
-subprocess. When it ends, its final dev metrics are written to ``<run folder>/result.json``
-and its checkpoint and saved model are deleted (``--keep-models`` keeps them). The script
-is resumable: a run whose ``result.json`` exists is kept and skipped, and an interrupted
-run continues from its last epoch checkpoint (``--resume`` of the training command).
+An experiment is a list of runs: tasks x seeds x arms, where an arm is a way of training
+(a ``--method`` and its flags) compared with a reference arm trained on the same task,
+seed and examples. Each run is ``python -m examples.glue.train ... --output-dir <run
+folder> --resume`` in a subprocess; when it ends its dev metrics (the final epoch's: the
+headline; the best epoch's beside it, labelled) go to ``<run folder>/result.json``, with,
+for experiments that measure it, the flatness of the final parameters
+(``benchmarks/flatness.py``: top Hessian eigenvalue, sharpness, training loss on fixed
+training examples). The checkpoint and the saved model are then deleted
+(``--keep-models`` keeps them) and, with ``--commit``, the run folder is committed. The
+script is resumable: a run whose ``result.json`` exists is skipped, an interrupted run
+continues from its last epoch.
 
-The table gives, per task, the dev score (the mean of the task's official metrics, x 100)
-as mean +- standard deviation over seeds, and the difference to AdamW trained with the
-same setting, with a paired 95% confidence interval over seeds (t distribution).
-Results go to ``benchmarks/results/glue_quality/<profile>/``: ``summary.json``,
-``summary.md``, ``summary.png`` and ``runs/<task>/<method>/seed<k>/``.
+The summary gives per task the dev score (the mean of the task's official metrics,
+x 100) as mean +- std over seeds, the paired difference to each reference arm with a 95%
+t-interval over seeds, and the flatness figures. Results go to
+``benchmarks/results/glue_quality/<experiment>/`` (``summary.{json,md,png}`` and
+``runs/<task>/<arm>/seed<k>/``); a run with ``--max-steps`` changes the results, so it
+goes to ``runs/glue_quality/<experiment>/`` unless ``--output-dir`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -29,6 +40,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
@@ -41,124 +53,170 @@ from benchmarks import common
 
 SCRIPT = "benchmarks/glue_quality.py"
 RESULT_FILE = "result.json"
-# Official metrics of the tasks the profiles use (examples.glue.data.TASKS agrees).
+FLATNESS_FILE = "flatness.json"
+# Official metrics of the tasks the experiments use (examples.glue.data.TASKS agrees).
 TASK_METRICS = {"rte": ("accuracy",), "mrpc": ("f1", "accuracy"),
                 "stsb": ("pearson", "spearman"), "cola": ("matthews_corr",),
                 "sst2": ("accuracy",), "qnli": ("accuracy",), "wnli": ("accuracy",)}
-ALL_METHODS = ("adamw", "sam", "asam", "fsam", "gasam", "delta-sam", "per-instance-sam",
-               "dps", "dps-frozen", "child-tuning-f", "child-tuning-d")
-BASELINE = "adamw"
 # Where the training subprocesses keep compiled steps ($JAX_COMPILATION_CACHE_DIR wins).
 COMPILATION_CACHE = pathlib.Path.home() / ".cache" / "optax-sam" / "jax-compilation-cache"
+# Flags that do not change a run's result (where things are, how often it logs).
+_LOCATION_FLAGS = ("--glue-dir", "--output-dir", "--log-every")
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-  """A training recipe; every method trained with it is compared to AdamW trained with it.
+class Arm:
+  """One way of training, compared with a reference arm on the same tasks and seeds.
 
   Attributes:
-    name: its label; the AdamW run of a setting other than the first is called
-      ``adamw@<name>``.
-    train_args: flags of ``examples.glue.train`` for every task.
-    task_args: extra flags per task.
-    method_args: extra flags per method, and per (method, task).
+    label: the table's name, e.g. ``sam`` or ``sam@rho=0.01``.
+    method: the training command's ``--method``.
+    args: flags added after the recipe's (argparse keeps the last of a repeated flag).
+    reference: the label this arm is compared with; ``None`` for a reference itself.
+    x: a swept value (e.g. rho), for the sweep table and plot.
+    doubles: the label of the arm this one doubles the training steps of (calibration).
   """
 
-  name: str
-  train_args: tuple[str, ...]
-  task_args: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-  method_args: Mapping[Any, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  label: str
+  method: str
+  args: tuple[str, ...] = ()
+  reference: Optional[str] = "adamw"
+  x: Optional[float] = None
+  doubles: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
-class Profile:
-  """What a profile runs.
+class Block:
+  """Every arm on every task with every seed."""
 
-  Attributes:
-    name: ``cpu-small`` or ``paper``.
-    tasks: GLUE task names (the training command's spelling).
-    seeds: the seeds.
-    settings: the training recipes; the first is the default.
-    method_setting: the setting of each method (default: the first).
-    needs_model: whether ``--model`` must be given.
-    description: one line for the summary.
-  """
-
-  name: str
   tasks: tuple[str, ...]
   seeds: tuple[int, ...]
-  settings: tuple[Setting, ...]
-  method_setting: Mapping[str, str]
-  needs_model: bool
+  arms: tuple[Arm, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A named set of runs and how to read them.
+
+  Attributes:
+    name: the ``--experiment`` name and the results folder.
+    description: one paragraph for the summary.
+    recipe: the training flags of every run, per task.
+    blocks: the runs.
+    references: labels every other arm is also compared with (when both ran).
+    flatness: measure the flatness of each run's final parameters.
+    flatness_rho: the radius of the sharpness measure.
+    needs_model: whether ``--model`` must be given.
+  """
+
+  name: str
   description: str
+  recipe: Mapping[str, tuple[str, ...]]
+  blocks: tuple[Block, ...]
+  references: tuple[str, ...] = ("adamw",)
+  flatness: bool = False
+  flatness_rho: float = 0.01
+  needs_model: bool = False
+
+  @property
+  def tasks(self) -> list[str]:
+    return list(dict.fromkeys(t for b in self.blocks for t in b.tasks))
+
+  @property
+  def arms(self) -> dict[str, Arm]:
+    return {a.label: a for b in self.blocks for a in b.arms}
 
 
-_SUBNETWORK_METHODS = ("dps", "dps-frozen", "child-tuning-f", "child-tuning-d")
-
-# The papers' perturbation radii (METHODS.md): FSAM's grid middle for SAM, FSAM and
-# GA-SAM, 10x that for ASAM (its radius is relative to |w|); delta-SAM's large-model values
-# (rho 0.02, 0.01 on STS-B; eta 1e-4, 5e-4 on RTE), also for per-instance SAM, its upper
-# reference.
-_PAPERS_RHO: Mapping[Any, tuple[str, ...]] = {
-    "sam": ("--rho", "5e-3"), "fsam": ("--rho", "5e-3"), "gasam": ("--rho", "5e-3"),
-    "asam": ("--rho", "5e-2"),
-    "delta-sam": ("--rho", "0.02", "--eta", "1e-4"),
-    ("delta-sam", "stsb"): ("--rho", "0.01", "--eta", "1e-4"),
-    ("delta-sam", "rte"): ("--rho", "0.02", "--eta", "5e-4"),
-    "per-instance-sam": ("--rho", "0.02"),
-    ("per-instance-sam", "stsb"): ("--rho", "0.01"),
-}
+def _recipe(common_args: Sequence[str], per_task: Mapping[str, Sequence[str]]
+            ) -> dict[str, tuple[str, ...]]:
+  return {task: (*common_args, *args) for task, args in per_task.items()}
 
 
-def _with_chunk_size(method_args: Mapping[Any, tuple[str, ...]], chunk_size: str
-                     ) -> dict[Any, tuple[str, ...]]:
-  """``method_args`` with per-instance SAM's ``--chunk-size`` added."""
+# The low-resource setting of the FSAM and DPS papers on the embedded MiniLM: a
+# stratified 1000-example training subset (the same examples for every seed), the full
+# dev set. Epochs, learning rate and length are from the calibration experiment (AdamW
+# reaches its plateau: twice the steps move its dev score by about a point at most).
+_LOW_RESOURCE = ("--train-size", "1000", "--data-seed", "0", "--batch-size", "32",
+                 "--warmup-ratio", "0.1", "--weight-decay", "0.01", "--lr", "1e-4")
+_SHORT = ("--max-length", "64", "--pad-to-multiple-of", "16")
+_LONG = ("--max-length", "128", "--pad-to-multiple-of", "32")
+CPU_RECIPE = _recipe(_LOW_RESOURCE, {
+    "stsb": (*_SHORT, "--epochs", "8"), "sst2": (*_SHORT, "--epochs", "8"),
+    "mrpc": (*_LONG, "--epochs", "8"), "cola": (*_SHORT, "--epochs", "8"),
+    "rte": (*_LONG, "--epochs", "8")})
 
-  def with_chunk(key: Any, args: tuple[str, ...]) -> tuple[str, ...]:
-    method = key[0] if isinstance(key, tuple) else key
-    return (*args, "--chunk-size", chunk_size) if method == "per-instance-sam" else args
 
-  return {key: with_chunk(key, args) for key, args in method_args.items()}
+def _calibration_arms(epochs: Sequence[int], lr: Optional[str] = None) -> tuple[Arm, ...]:
+  suffix = "" if lr is None else f",lr={lr}"
+  extra = () if lr is None else ("--lr", lr)
+  arms, previous = [], None
+  for count in epochs:
+    label = f"adamw@{count}ep{suffix}"
+    arms.append(Arm(label, "adamw", ("--epochs", str(count), *extra), reference=None,
+                    doubles=previous if previous and count == 2 * int(
+                        previous.split("@")[1].split("ep")[0]) else None))
+    previous = label
+  return tuple(arms)
 
-PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(
-        name="cpu-small", tasks=("rte", "mrpc", "stsb", "cola"), seeds=(0, 1, 2),
-        settings=(Setting("default", (
-            "--train-size", "1000", "--epochs", "2", "--batch-size", "32",
-            "--max-length", "64", "--pad-to-multiple-of", "16", "--lr", "1e-4",
-            "--warmup-ratio", "0.06", "--weight-decay", "0.01"),
-            # At 2 epochs CoLA stays at the majority class (MCC 0) for AdamW.
-            task_args={"cola": ("--epochs", "4")},
-            # Per-example gradients one at a time: the cheapest chunk on a CPU.
-            method_args=_with_chunk_size(_PAPERS_RHO, "1")),),
-        method_setting={}, needs_model=False,
-        description=("embedded all-MiniLM-L6-v2, stratified 1000-example training "
-                     "subsets, 2 epochs (CoLA 4), batch 32, max length 64, lr 1e-4 (not "
-                     "tuned), the papers' rho for the sharpness-aware methods, library "
-                     "defaults otherwise")),
-    "paper": Profile(
-        name="paper", tasks=("rte", "mrpc", "stsb", "cola"), seeds=(0, 1, 2, 3, 4),
-        settings=(
-            # FSAM's recipe (Zhong et al. 2022), used for every sharpness-aware method.
-            Setting("sam-family", (
-                "--epochs", "10", "--batch-size", "32", "--max-length", "128",
-                "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--adam-beta2", "0.98"),
-                task_args={"rte": ("--lr", "2e-5"), "stsb": ("--lr", "2e-5"),
-                           "mrpc": ("--lr", "1e-5"), "cola": ("--lr", "1e-5"),
-                           "sst2": ("--lr", "1e-5")},
-                method_args=_with_chunk_size(_PAPERS_RHO, "4")),
-            # DPS's recipe (Zhang et al. 2022), used for DPS and Child-Tuning.
-            Setting("subnetwork", (
-                "--epochs", "3", "--batch-size", "16", "--max-length", "128",
-                "--lr", "2e-5", "--warmup-ratio", "0.1", "--weight-decay", "0.01",
-                "--dropout", "0", "--max-grad-norm", "1.0")),
-        ),
-        method_setting={m: "subnetwork" for m in _SUBNETWORK_METHODS},
-        needs_model=True,
-        description=("the papers' recipes on a large checkpoint (--model): FSAM's for the "
-                     "sharpness-aware methods, DPS's for DPS and Child-Tuning, each "
-                     "against AdamW trained the same way; full training sets")),
-}
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def _register(experiment: Experiment) -> None:
+  EXPERIMENTS[experiment.name] = experiment
+
+
+_register(Experiment(
+    name="calibration",
+    description=(
+        "AdamW alone, seed 0, on the low-resource recipe (embedded all-MiniLM-L6-v2, a "
+        "stratified 1000-example training subset, the full dev set, batch 32, 10% "
+        "warm-up then linear decay, weight decay 0.01): the budget at which it reaches "
+        "its plateau, checked by doubling the epochs."),
+    recipe=CPU_RECIPE,
+    blocks=(
+        Block(("stsb", "sst2", "mrpc"), (0,), _calibration_arms([4, 8, 16])),
+        Block(("cola", "rte"), (0,), _calibration_arms([16])),
+    ),
+    references=()))
+
+RHO_SWEEP = (0.002, 0.005, 0.01, 0.02, 0.05)
+
+
+def _rho_arms(values: Sequence[float], method: str = "sam") -> tuple[Arm, ...]:
+  return tuple(Arm(f"{method}@rho={value:g}", method, ("--rho", f"{value:g}"), x=value)
+               for value in values)
+
+
+_register(Experiment(
+    name="rho",
+    description=(
+        "SAM's radius for this 22M-parameter model: SAM at each rho against AdamW, two "
+        "seeds, on the calibrated low-resource recipe (the papers' rho was set for "
+        "110M-355M models; SAM's normalised step moves each weight of a smaller model "
+        "further)."),
+    recipe=CPU_RECIPE,
+    blocks=(Block(("stsb",), (0, 1), (Arm("adamw", "adamw", reference=None),
+                                      *_rho_arms(RHO_SWEEP))),),
+    flatness=True))
+
+# For context: AdamW on each full training set (SST-2: one epoch of its 67k sentences).
+_FULL_DATA = ("--batch-size", "32", "--warmup-ratio", "0.1", "--weight-decay", "0.01",
+              "--lr", "1e-4")
+FULL_DATA_RECIPE = _recipe(_FULL_DATA, {
+    "stsb": (*_SHORT, "--epochs", "3"), "sst2": (*_SHORT, "--epochs", "1"),
+    "mrpc": (*_LONG, "--epochs", "3"), "cola": (*_SHORT, "--epochs", "3"),
+    "rte": (*_LONG, "--epochs", "3")})
+_register(Experiment(
+    name="full-data",
+    description=(
+        "For context: AdamW, seed 0, on each full training set (3 epochs; SST-2 one), "
+        "batch 32, lr 1e-4, 10% warm-up then linear decay, weight decay 0.01, the "
+        "embedded all-MiniLM-L6-v2."),
+    recipe=FULL_DATA_RECIPE,
+    blocks=(Block(("stsb", "sst2", "mrpc", "cola", "rte"), (0,),
+                  (Arm("adamw@full", "adamw", reference=None),)),),
+    references=()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,69 +228,81 @@ class Run:
   """One fine-tuning run."""
 
   task: str
-  method: str  # the training command's --method
-  label: str  # the table's name: the method, or adamw@<setting>
-  baseline: str  # the label this run is compared with
+  arm: Arm
   seed: int
   train_args: tuple[str, ...]  # everything after `python -m examples.glue.train`
 
+  @property
+  def label(self) -> str:
+    return self.arm.label
+
+  @property
+  def name(self) -> str:
+    return f"{self.task}/{self.label}/seed{self.seed}"
+
   def folder(self, root: pathlib.Path) -> pathlib.Path:
-    return root / "runs" / self.task / self.label.replace("@", "-at-") / f"seed{self.seed}"
+    slug = self.label.replace("@", "-").replace("=", "").replace(",", "-")
+    return root / "runs" / self.task / slug / f"seed{self.seed}"
 
 
-def _label(method: str, setting: Setting, profile: Profile) -> str:
-  if method == BASELINE and setting.name != profile.settings[0].name:
-    return f"{BASELINE}@{setting.name}"
-  return method
+def plan(experiment: Experiment, *, tasks: Optional[Sequence[str]] = None,
+         labels: Optional[Sequence[str]] = None, seeds: Optional[Sequence[int]] = None,
+         model: Optional[str] = None, glue_dir: Optional[str] = None,
+         max_steps: Optional[int] = None) -> list[Run]:
+  """The experiment's runs (restricted to ``tasks``, ``labels``, ``seeds`` if given).
 
-
-def plan(profile: Profile, tasks: Sequence[str], methods: Sequence[str],
-         seeds: Sequence[int], *, model: Optional[str], glue_dir: Optional[str],
-         max_steps: Optional[int]) -> list[Run]:
-  """Every run: each method with its setting, and AdamW with every setting in use."""
-  settings = {s.name: s for s in profile.settings}
-  jobs = []  # (method, setting)
-  for method in methods:
-    if method == BASELINE:
-      continue
-    jobs.append((method, settings[profile.method_setting.get(method,
-                                                            profile.settings[0].name)]))
-  used = {setting.name for _, setting in jobs} or {profile.settings[0].name}
-  if BASELINE in methods or jobs:
-    jobs = [(BASELINE, s) for s in profile.settings if s.name in used] + jobs
+  Seed-major within each block, so an interrupted experiment has the same seeds for
+  every arm; a restriction to some arms keeps their references.
+  """
+  wanted = None if labels is None else set(labels)
+  if wanted is not None:
+    wanted |= {experiment.arms[l].reference for l in set(wanted) & set(experiment.arms)
+               if experiment.arms[l].reference} | {
+                   r for r in experiment.references if r in experiment.arms}
   runs = []
-  # Seed-major, so that an interrupted profile has the same seeds for every method.
-  for seed in seeds:
-    for task in tasks:
-      for method, setting in jobs:
-        args = ["--task", task, "--method", method, "--seed", str(seed),
-                *setting.train_args, *setting.task_args.get(task, ())]
-        args += setting.method_args.get((method, task),
-                                        setting.method_args.get(method, ()))
-        if model:
-          args += ["--model", model]
-        if glue_dir:
-          args += ["--glue-dir", glue_dir]
-        if max_steps:
-          args += ["--max-steps", str(max_steps)]
-        runs.append(Run(task=task, method=method,
-                        label=_label(method, setting, profile),
-                        baseline=_label(BASELINE, setting, profile), seed=seed,
-                        train_args=tuple(args)))
+  for block in experiment.blocks:
+    for seed in block.seeds:
+      if seeds is not None and seed not in seeds:
+        continue
+      for task in block.tasks:
+        if tasks is not None and task not in tasks:
+          continue
+        for arm in block.arms:
+          if wanted is not None and arm.label not in wanted:
+            continue
+          args = ["--task", task, "--method", arm.method, "--seed", str(seed),
+                  *experiment.recipe[task], *arm.args]
+          if model:
+            args += ["--model", model]
+          if glue_dir:
+            args += ["--glue-dir", glue_dir]
+          if max_steps:
+            args += ["--max-steps", str(max_steps)]
+          runs.append(Run(task=task, arm=arm, seed=seed, train_args=tuple(args)))
   return runs
+
+
+def effective_flags(train_args: Sequence[str]) -> dict[str, Optional[str]]:
+  """``{flag: value}`` as argparse reads ``train_args`` (the last of a repeated flag
+  wins), without the flags that only say where things are."""
+  flags: dict[str, Optional[str]] = {}
+  args = list(train_args)
+  for at, arg in enumerate(args):
+    if arg.startswith("--"):
+      value = args[at + 1] if at + 1 < len(args) and not args[at + 1].startswith("--") \
+          else None
+      flags[arg] = value
+  for flag in _LOCATION_FLAGS:
+    flags.pop(flag, None)
+  return flags
+
+
+def flag_value(train_args: Sequence[str], flag: str) -> Optional[str]:
+  return effective_flags(train_args).get(flag)
 
 
 class SettingsChanged(RuntimeError):
   """A finished run's result was made with other arguments than the ones planned now."""
-
-
-def _comparable(train_args: Sequence[str]) -> tuple[str, ...]:
-  """The arguments that decide a run's result (where the data folder is does not)."""
-  args = list(train_args)
-  if "--glue-dir" in args:
-    at = args.index("--glue-dir")
-    del args[at:at + 2]
-  return tuple(args)
 
 
 def finished(run: Run, root: pathlib.Path) -> Optional[dict[str, Any]]:
@@ -241,7 +311,7 @@ def finished(run: Run, root: pathlib.Path) -> Optional[dict[str, Any]]:
   if not path.is_file():
     return None
   result = json.loads(path.read_text(encoding="utf-8"))
-  if _comparable(result.get("train_args", ())) != _comparable(run.train_args):
+  if effective_flags(result.get("train_args", ())) != effective_flags(run.train_args):
     raise SettingsChanged(
         f"{path} was made with other arguments:\n  recorded: "
         f"{' '.join(result.get('train_args', ()))}\n  planned:  {' '.join(run.train_args)}"
@@ -249,15 +319,18 @@ def finished(run: Run, root: pathlib.Path) -> Optional[dict[str, Any]]:
   return result
 
 
-def final_metrics(folder: pathlib.Path) -> dict[str, Any]:
-  """The ``final`` record of a training run's ``log.jsonl``."""
+def read_log(folder: pathlib.Path) -> dict[str, Any]:
+  """The final and the best epoch of a training run's ``log.jsonl``."""
   log = folder / "log.jsonl"
   records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()
              if line.strip()]
-  final = [r for r in records if r.get("event") == "final"]
-  if not final:
+  finals = [r for r in records if r.get("event") == "final"]
+  if not finals:
     raise RuntimeError(f"{log} has no final record: the run did not finish")
-  return final[-1]
+  task = next((r["task"] for r in records if r.get("event") == "start"), None)
+  evals = [r for r in records if r.get("event") == "eval"]
+  best = max(evals, key=lambda r: score(task, r["metrics"])) if evals else None
+  return {"final": finals[-1], "best": best, "epochs": evals}
 
 
 def train_subprocess(run: Run, folder: pathlib.Path) -> int:
@@ -272,14 +345,81 @@ def train_subprocess(run: Run, folder: pathlib.Path) -> int:
                           stderr=subprocess.STDOUT, check=False).returncode
 
 
+def flatness_command(run: Run, folder: pathlib.Path, rho: float) -> list[str]:
+  """``benchmarks/flatness.py`` on the run's saved model and training examples."""
+  flags = effective_flags(run.train_args)
+  command = [sys.executable, "-m", "benchmarks.flatness", "--model-dir",
+             str(folder / "model"), "--task", run.task, "--rho", str(rho),
+             "--data-seed", flags.get("--data-seed") or str(run.seed),
+             "--output", str(folder / FLATNESS_FILE)]
+  for flag in ("--train-size", "--max-length"):
+    if flags.get(flag):
+      command += [flag, flags[flag]]
+  args = list(run.train_args)
+  if "--glue-dir" in args:
+    command += ["--glue-dir", args[args.index("--glue-dir") + 1]]
+  return command
+
+
+def measure_flatness_subprocess(run: Run, folder: pathlib.Path, rho: float) -> int:
+  """Runs :func:`flatness_command`; its output goes to ``<folder>/flatness.out``."""
+  with open(folder / "flatness.out", "a", encoding="utf-8") as out:
+    return subprocess.run(flatness_command(run, folder, rho), cwd=common.ROOT, stdout=out,
+                          stderr=subprocess.STDOUT, check=False).returncode
+
+
+def commit_run(folder: pathlib.Path, message: str, attempts: int = 10) -> bool:
+  """Commits one finished run folder (only that folder, whatever else is staged).
+
+  Retries while another git command holds the index; returns whether it committed (a
+  run that could not be committed stays on disk, for the next commit to take).
+  """
+  relative = str(folder.resolve().relative_to(common.ROOT))
+  for attempt in range(attempts):
+    added = subprocess.run(["git", "add", "-f", "--", relative], cwd=common.ROOT,
+                           capture_output=True, text=True, check=False)
+    committed = added.returncode == 0 and subprocess.run(
+        ["git", "commit", "-q", "-m", message, "--", relative], cwd=common.ROOT,
+        capture_output=True, text=True, check=False).returncode == 0
+    if committed:
+      return True
+    time.sleep(min(2 ** attempt, 30))
+  print(f"warning: could not commit {relative}; it stays on disk", file=sys.stderr)
+  return False
+
+
 Trainer = Callable[[Run, pathlib.Path], int]
+Measurer = Callable[[Run, pathlib.Path, float], int]
 
 
-def execute(runs: Sequence[Run], root: pathlib.Path, *, trainer: Trainer = train_subprocess,
-            keep_models: bool = False, progress: bool = True
-            ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-  """Runs what has not finished; returns (results, labels of skipped, failures)."""
-  results, skipped, failures = [], [], []
+def _train_and_measure(run: Run, folder: pathlib.Path, experiment: Experiment,
+                       trainer: Trainer, measurer: Measurer) -> dict[str, Any]:
+  """Trains one run and measures its flatness; returns its ``result.json`` record.
+
+  Raises:
+    RuntimeError, OSError: if either step failed (the message says where to look).
+  """
+  status = trainer(run, folder)
+  if status != 0:
+    raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
+  log = read_log(folder)
+  flatness = None
+  if experiment.flatness:
+    status = measurer(run, folder, experiment.flatness_rho)
+    if status != 0:
+      raise RuntimeError(f"flatness: exit status {status}; see {folder / 'flatness.out'}")
+    flatness = json.loads((folder / FLATNESS_FILE).read_text(encoding="utf-8"))
+  return result_record(run, log, flatness)
+
+
+def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
+            trainer: Trainer = train_subprocess,
+            measurer: Measurer = measure_flatness_subprocess, keep_models: bool = False,
+            commit: bool = False, parallel: int = 1, progress: bool = True
+            ) -> tuple[list[dict[str, Any]], int, list[str]]:
+  """Runs what has not finished, ``parallel`` at a time; returns (results, how many were
+  kept, failures). Results are written, and committed, one at a time as runs end."""
+  results, failures = [], []
   pending = []
   for run in runs:
     done = finished(run, root)
@@ -287,38 +427,64 @@ def execute(runs: Sequence[Run], root: pathlib.Path, *, trainer: Trainer = train
       pending.append(run)
     else:
       results.append(done)
-      skipped.append(f"{run.task}/{run.label}/seed{run.seed}")
-  iterator: Iterable[Run] = pending
+  kept = len(results)
+  bar = None
   if progress and pending:
     import tqdm  # pylint: disable=g-import-not-at-top
-    iterator = tqdm.tqdm(pending, desc="fine-tuning runs", unit="run")
-  for run in iterator:
-    folder = run.folder(root)
-    status = trainer(run, folder)
-    try:
-      if status != 0:
-        raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
-      final = final_metrics(folder)
-    except (RuntimeError, OSError) as error:
-      failures.append(f"{run.task}/{run.label}/seed{run.seed}: {error}")
-      continue
-    result = {"task": run.task, "method": run.method, "label": run.label,
-              "baseline": run.baseline, "seed": run.seed, "metrics": final["metrics"],
-              "steps": final.get("step"), "time_s": final.get("time"),
-              "train_args": list(run.train_args)}
-    common.write_json(folder / RESULT_FILE, result)
-    if not keep_models:
-      shutil.rmtree(folder / "model", ignore_errors=True)
-      (folder / "checkpoint.msgpack").unlink(missing_ok=True)
-    results.append(result)
-  return results, skipped, failures
+    bar = tqdm.tqdm(total=len(pending), desc=f"{experiment.name} runs", unit="run")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    futures = {pool.submit(_train_and_measure, run, run.folder(root), experiment, trainer,
+                           measurer): run for run in pending}
+    for future in concurrent.futures.as_completed(futures):
+      run = futures[future]
+      folder = run.folder(root)
+      if bar is not None:
+        bar.update()
+      try:
+        result = future.result()
+      except (RuntimeError, OSError) as error:
+        failures.append(f"{run.name}: {error}")
+        continue
+      common.write_json(folder / RESULT_FILE, result)
+      if not keep_models:
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        (folder / "checkpoint.msgpack").unlink(missing_ok=True)
+      if commit:
+        commit_run(folder, f"{experiment.name}: {run.name} ({_headline(result)})")
+      results.append(result)
+  if bar is not None:
+    bar.close()
+  return results, kept, failures
+
+
+def result_record(run: Run, log: Mapping[str, Any],
+                  flatness: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+  """What ``result.json`` keeps of a finished run (from :func:`read_log`) and its
+  flatness measurement."""
+  final, best = log["final"], log["best"]
+  return {"task": run.task, "method": run.arm.method, "label": run.label,
+          "reference": run.arm.reference, "seed": run.seed, "metrics": final["metrics"],
+          "steps": final.get("step"), "time_s": final.get("time"),
+          "best_epoch": None if best is None else {
+              "epoch": best["epoch"], "step": best["step"], "metrics": best["metrics"]},
+          "epochs": [{"epoch": r["epoch"], "metrics": r["metrics"]} for r in log["epochs"]],
+          "flatness": None if flatness is None else {
+              k: flatness[k] for k in (
+                  "train_loss", "sharpness", "rho", "top_eigenvalue", "eigenvalue_history",
+                  "eigenvalue_relative_change", "examples", "iterations",
+                  "loss_and_sharpness_s", "eigenvalue_s")},
+          "train_args": list(run.train_args)}
+
+
+def _headline(result: Mapping[str, Any]) -> str:
+  return f"dev {score(result['task'], result['metrics']):.1f}"
 
 
 # ---------------------------------------------------------------------------------------
 # Aggregation.
 
 
-def score(task: str, metrics: Mapping[str, float]) -> float:
+def score(task: Optional[str], metrics: Mapping[str, float]) -> float:
   """The task's dev score: the mean of its official metrics, x 100 (GLUE's convention)."""
   names = TASK_METRICS.get(task, tuple(metrics))
   return 100.0 * float(np.mean([metrics[name] for name in names]))
@@ -330,11 +496,11 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
           "std": float(values.std(ddof=1)) if values.size > 1 else None}
 
 
-def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float],
+def paired_difference(method: Mapping[int, float], reference: Mapping[int, float],
                       confidence: float = 0.95) -> dict[str, Any]:
-  """Mean of ``method - baseline`` over the seeds both have, with a t-interval."""
-  seeds = sorted(set(method) & set(baseline))
-  differences = np.asarray([method[s] - baseline[s] for s in seeds], float)
+  """Mean of ``method - reference`` over the seeds both have, with a t-interval."""
+  seeds = sorted(set(method) & set(reference))
+  differences = np.asarray([method[s] - reference[s] for s in seeds], float)
   n = differences.size
   out: dict[str, Any] = {"n": n, "seeds": seeds, "mean": None, "ci_low": None,
                          "ci_high": None, "half_width": None}
@@ -348,45 +514,81 @@ def paired_difference(method: Mapping[int, float], baseline: Mapping[int, float]
   return out
 
 
-def aggregate(results: Sequence[Mapping[str, Any]], tasks: Sequence[str]
-              ) -> list[dict[str, Any]]:
-  """One record per method label: per task (and the task average) scores and differences.
+FLATNESS_FIGURES = ("top_eigenvalue", "sharpness", "train_loss")
 
-  The average is over the tasks of ``tasks``, per seed, for the seeds that have every
-  task.
-  """
-  scores: dict[str, dict[str, dict[int, float]]] = {}
-  baselines: dict[str, str] = {}
+
+def aggregate(results: Sequence[Mapping[str, Any]], experiment: Experiment
+              ) -> list[dict[str, Any]]:
+  """One record per (task, arm): scores, best-epoch scores, flatness, differences."""
+  by_key: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
   for r in results:
-    scores.setdefault(r["label"], {}).setdefault(r["task"], {})[r["seed"]] = score(
-        r["task"], r["metrics"])
-    baselines[r["label"]] = r.get("baseline", BASELINE)
-  for label, by_task in scores.items():
-    common_seeds = set.intersection(*(set(by_task.get(t, {})) for t in tasks)) \
-        if all(t in by_task for t in tasks) else set()
-    by_task["average"] = {s: float(np.mean([by_task[t][s] for t in tasks]))
-                          for s in sorted(common_seeds)}
+    by_key.setdefault((r["task"], r["label"]), {})[r["seed"]] = r
+  arms = experiment.arms
+
+  def scores(task, label, best=False):
+    runs = by_key.get((task, label), {})
+    return {s: score(task, (r["best_epoch"] or {}).get("metrics", r["metrics"]) if best
+                     else r["metrics"]) for s, r in runs.items()}
+
   records = []
-  for label in sorted(scores, key=lambda l: (not l.startswith(BASELINE), l)):
-    baseline = baselines[label]
-    record = {"label": label, "baseline": baseline, "tasks": {}}
-    for task in [*tasks, "average"]:
-      values = scores[label].get(task, {})
-      entry = {"seeds": sorted(values), **mean_std([values[s] for s in sorted(values)])}
-      if label != baseline:
-        entry["difference"] = paired_difference(values,
-                                                scores.get(baseline, {}).get(task, {}))
-      record["tasks"][task] = entry
-    records.append(record)
+  for task in experiment.tasks:
+    for label, arm in arms.items():
+      runs = by_key.get((task, label))
+      if not runs:
+        continue
+      final = scores(task, label)
+      record = {"task": task, "label": label, "method": arm.method, "x": arm.x,
+                "seeds": sorted(final), "score": mean_std([final[s] for s in sorted(final)]),
+                "best_epoch_score": mean_std(list(scores(task, label, best=True).values())),
+                "steps": mean_std([r.get("steps") or 0 for r in runs.values()]),
+                "minutes": mean_std([(r.get("time_s") or 0) / 60 for r in runs.values()]),
+                "differences": {}, "flatness": {}}
+      references = [arm.reference] if arm.reference else []
+      references += [r for r in experiment.references if r not in references]
+      for reference in references:
+        if reference != label and (task, reference) in by_key:
+          record["differences"][reference] = paired_difference(final,
+                                                               scores(task, reference))
+      if arm.doubles and (task, arm.doubles) in by_key:
+        record["differences"][arm.doubles] = paired_difference(final,
+                                                               scores(task, arm.doubles))
+      measured = {s: r["flatness"] for s, r in runs.items() if r.get("flatness")}
+      for figure in FLATNESS_FIGURES:
+        if measured:
+          record["flatness"][figure] = mean_std([m[figure] for m in measured.values()])
+      if measured:
+        record["flatness"]["converged"] = all(
+            m["eigenvalue_relative_change"] < 1e-3 for m in measured.values())
+      records.append(record)
   return records
 
 
-def _cell(entry: Mapping[str, Any]) -> str:
+def trivial_scores(tasks: Sequence[str], glue_dir: Optional[str]) -> dict[str, float]:
+  """Each task's dev score of the majority training label (a constant for STS-B)."""
+  from examples.glue import data  # pylint: disable=g-import-not-at-top
+  from examples.glue import metrics  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in tasks:
+    task = data.get_task(name)
+    try:
+      train, dev = (data.load_split(task, split, glue_dir) for split in ("train", "dev"))
+    except data.DataError:
+      continue
+    if task.is_regression:
+      out[name] = 0.0  # a constant prediction has no correlation with anything
+      continue
+    labels, counts = np.unique(train.labels, return_counts=True)
+    constant = np.full(len(dev), labels[np.argmax(counts)])
+    out[name] = score(name, metrics.compute(task.metrics, constant, dev.labels))
+  return out
+
+
+def _cell(entry: Optional[Mapping[str, Any]], digits: int = 1) -> str:
   if not entry or entry.get("mean") is None:
     return "-"
-  text = f"{entry['mean']:.1f}"
+  text = f"{entry['mean']:.{digits}f}"
   if entry.get("std") is not None:
-    text += f" ± {entry['std']:.1f}"
+    text += f" ± {entry['std']:.{digits}f}"
   return text
 
 
@@ -399,75 +601,127 @@ def _difference_cell(entry: Optional[Mapping[str, Any]]) -> str:
   return text
 
 
+def _figure_cell(entry: Optional[Mapping[str, Any]]) -> str:
+  if not entry or entry.get("mean") is None:
+    return "-"
+  text = f"{entry['mean']:.3g}"
+  if entry.get("std") is not None:
+    negligible = entry["std"] <= 1e-9 * abs(entry["mean"])
+    text += " ± 0" if negligible else f" ± {entry['std']:.2g}"
+  return text
+
+
 def render_markdown(summary: Mapping[str, Any]) -> str:
-  tasks = [*summary["tasks"], "average"]
   records = summary["aggregate"]
-  score_table = common.markdown_table(
-      ["method", *tasks], [[f"`{r['label']}`", *(_cell(r["tasks"][t]) for t in tasks)]
-                           for r in records], align="l" + "r" * len(tasks))
-  difference_table = common.markdown_table(
-      ["method", "vs", *tasks],
-      [[f"`{r['label']}`", f"`{r['baseline']}`",
-        *(_difference_cell(r["tasks"][t].get("difference")) for t in tasks)]
-       for r in records if r["label"] != r["baseline"]], align="ll" + "r" * len(tasks))
-  meta = summary["meta"]
-  parts = [f"# GLUE dev quality: profile `{summary['profile']}`", "",
-           common.stamp_markdown(meta), f"- profile: {summary['description']}",
-           f"- runs: {summary['counts']['results']} finished of {summary['counts']['planned']}"
-           f" planned ({summary['counts']['skipped']} kept from earlier invocations, "
-           f"{len(summary['failures'])} failed)", "",
-           "Dev score (mean of the task's official metrics, x 100): mean ± std over seeds.",
-           "", score_table, "",
-           "Difference to AdamW trained with the same recipe: mean over seeds [paired 95% "
-           "confidence interval, t distribution]; the interval needs two seeds or more.", "",
-           difference_table, ""]
+  trivial = summary.get("trivial_scores", {})
+  references = sorted({ref for r in records for ref in r["differences"]},
+                      key=lambda ref: (ref != "adamw", ref))
+  rows = []
+  for r in records:
+    rows.append([r["task"], f"`{r['label']}`", len(r["seeds"]), _cell(r["score"]),
+                 _cell(r["best_epoch_score"]),
+                 *(_difference_cell(r["differences"].get(ref)) for ref in references),
+                 _cell(r["minutes"])])
+  table = common.markdown_table(
+      ["task", "arm", "seeds", "dev score (final epoch)", "best epoch (not the headline)",
+       *(f"vs `{ref}`" for ref in references), "minutes per run"], rows,
+      align="ll" + "r" * (4 + len(references)))
+  parts = [f"# GLUE dev quality: `{summary['experiment']}`", "",
+           common.stamp_markdown(summary["meta"]), "", summary["description"], "",
+           f"Runs: {summary['counts']['results']} finished of "
+           f"{summary['counts']['planned']} planned "
+           f"({summary['counts']['kept']} kept from earlier invocations, "
+           f"{len(summary['failures'])} failed).", "",
+           "Dev score: the mean of the task's official metrics x 100, mean ± std over "
+           "seeds, of the final epoch (the headline) and, labelled, of each run's best "
+           "epoch. Differences: mean over the seeds both arms have [paired 95% t-interval; "
+           "it needs two seeds].", "", table, ""]
+  if trivial:
+    parts += ["Trivial dev score (the majority training label; a constant for STS-B): "
+              + ", ".join(f"{t} {v:.1f}" for t, v in trivial.items()) + ".", ""]
+  flat = [r for r in records if r["flatness"]]
+  if flat:
+    parts += ["Flatness of the final parameters on fixed training examples (dropout off): "
+              "top Hessian eigenvalue (Lanczos), sharpness L(w + ρ g/‖g‖) − L(w) at "
+              f"ρ = {summary['flatness_rho']}, training loss; mean ± std over seeds.", "",
+              common.markdown_table(
+                  ["task", "arm", "top eigenvalue", "sharpness", "training loss",
+                   "converged"],
+                  [[r["task"], f"`{r['label']}`",
+                    *(_figure_cell(r["flatness"].get(f)) for f in FLATNESS_FIGURES),
+                    "yes" if r["flatness"].get("converged") else "no"] for r in flat],
+                  align="llrrrl"), ""]
   if summary["failures"]:
     parts += ["Failed runs:", "", *(f"- {f}" for f in summary["failures"]), ""]
   return "\n".join(parts)
 
 
 def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
+  """Per task: the dev score of each arm (mean ± std), and, for swept arms, the sweep."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  tasks = [*summary["tasks"], "average"]
-  records = [r for r in summary["aggregate"] if r["label"] != r["baseline"]]
-  figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.4 * len(records) + 2),
-                              sharey=True, squeeze=False)
-  labels = [r["label"] for r in records][::-1]
-  for axis, task in zip(axes[0], tasks):
-    means, errors = [], []
-    for r in records[::-1]:
-      d = r["tasks"][task].get("difference") or {}
-      means.append(d.get("mean") if d.get("mean") is not None else np.nan)
-      errors.append(d.get("half_width") or 0.0)
-    colours = ["tab:green" if (m or 0) >= 0 else "tab:red" for m in means]
-    axis.barh(labels, means, xerr=errors, color=colours, capsize=3)
-    axis.axvline(0.0, color="black", linewidth=0.8)
-    axis.set(title=task, xlabel="dev score - AdamW")
-  seeds = sorted({r["seed"] for r in summary["results"]})
-  figure.suptitle(f"GLUE dev, profile {summary['profile']}: difference to AdamW, paired 95% "
-                  f"CI over seeds (seeds {', '.join(map(str, seeds))}; an interval needs "
-                  "two)")
+  records = summary["aggregate"]
+  tasks = list(dict.fromkeys(r["task"] for r in records))
+  flat = any(r["flatness"] for r in records)
+  rows = 2 if flat else 1
+  figure, axes = plt.subplots(rows, len(tasks), figsize=(4.2 * len(tasks), 3.6 * rows),
+                              squeeze=False)
+  for column, task in enumerate(tasks):
+    mine = [r for r in records if r["task"] == task]
+    swept = [r for r in mine if r["x"] is not None]
+    axis = axes[0][column]
+    if swept:
+      swept.sort(key=lambda r: r["x"])
+      axis.errorbar([r["x"] for r in swept], [r["score"]["mean"] for r in swept],
+                    yerr=[r["score"]["std"] or 0 for r in swept], marker="o", capsize=3,
+                    label=swept[0]["method"])
+      for r in mine:
+        if r["x"] is None:
+          axis.axhline(r["score"]["mean"], color="grey", linestyle="--",
+                       label=r["label"])
+      axis.set(xscale="log", xlabel="rho", ylabel="dev score (final epoch)", title=task)
+      axis.legend(fontsize=8)
+    else:
+      labels = [r["label"] for r in mine][::-1]
+      axis.barh(labels, [r["score"]["mean"] for r in mine][::-1],
+                xerr=[r["score"]["std"] or 0 for r in mine][::-1], capsize=3,
+                color="tab:blue")
+      low = min(r["score"]["mean"] - (r["score"]["std"] or 0) for r in mine)
+      high = max(r["score"]["mean"] + (r["score"]["std"] or 0) for r in mine)
+      axis.set_xlim(low - 0.2 * (high - low + 1), high + 0.2 * (high - low + 1))
+      axis.set(xlabel="dev score (final epoch), mean ± std", title=task)
+    if flat:
+      axis = axes[1][column]
+      measured = [r for r in mine if r["flatness"]]
+      for r in measured:
+        eig, sharp = r["flatness"]["top_eigenvalue"], r["flatness"]["sharpness"]
+        axis.errorbar(eig["mean"], sharp["mean"], xerr=eig["std"] or 0,
+                      yerr=sharp["std"] or 0, marker="o", capsize=2)
+        axis.annotate(r["label"], (eig["mean"], sharp["mean"]), fontsize=7)
+      axis.set(xlabel="top Hessian eigenvalue", ylabel=f"sharpness (rho "
+               f"{summary['flatness_rho']})", title=f"{task}: flatness (lower is flatter)")
+  figure.suptitle(f"GLUE dev, {summary['experiment']}")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
 
 
-def summarize(results: Sequence[Mapping[str, Any]], *, profile: Profile,
-              tasks: Sequence[str], meta: Mapping[str, Any], planned: int, skipped: int,
-              failures: Sequence[str], root: pathlib.Path) -> dict[str, Any]:
+def summarize(results: Sequence[Mapping[str, Any]], *, experiment: Experiment,
+              meta: Mapping[str, Any], planned: int, kept: int, failures: Sequence[str],
+              root: pathlib.Path, glue_dir: Optional[str]) -> dict[str, Any]:
   """Aggregates, writes ``summary.{json,md,png}`` under ``root``; returns the summary."""
-  summary = {"profile": profile.name, "description": profile.description,
-             "tasks": list(tasks), "meta": dict(meta),
-             "counts": {"planned": planned, "results": len(results), "skipped": skipped},
-             "failures": list(failures), "aggregate": aggregate(results, tasks),
-             "results": list(results)}
+  summary = {"experiment": experiment.name, "description": experiment.description,
+             "meta": dict(meta), "flatness_rho": experiment.flatness_rho,
+             "counts": {"planned": planned, "results": len(results), "kept": kept},
+             "failures": list(failures),
+             "trivial_scores": trivial_scores(experiment.tasks, glue_dir),
+             "aggregate": aggregate(results, experiment),
+             "results": sorted(results, key=lambda r: (r["task"], r["label"], r["seed"]))}
   root.mkdir(parents=True, exist_ok=True)
   common.write_json(root / "summary.json", summary)
-  markdown = render_markdown(summary)
-  (root / "summary.md").write_text(markdown + "\n", encoding="utf-8")
+  (root / "summary.md").write_text(render_markdown(summary) + "\n", encoding="utf-8")
   if summary["aggregate"]:
     plot(summary, root / "summary.png")
   return summary
@@ -488,59 +742,73 @@ def default_glue_dir() -> Optional[str]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog=f"python {SCRIPT}",
                                    description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu-small")
-  parser.add_argument("--model", help="Hugging Face folder (required by the paper "
-                      "profile: a BERT-large or RoBERTa-large checkpoint)")
-  parser.add_argument("--tasks", nargs="+", help="override the profile's tasks")
-  parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, metavar="METHOD",
-                      help=f"override the methods ({' '.join(ALL_METHODS)}); AdamW is "
-                      "always run as the baseline")
-  parser.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
-  parser.add_argument("--max-steps", type=int, help="cap every run (smoke runs)")
+  parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), required=True)
+  parser.add_argument("--model", help="Hugging Face model folder (default: the embedded "
+                      "all-MiniLM-L6-v2)")
+  parser.add_argument("--tasks", nargs="+", help="only these of the experiment's tasks")
+  parser.add_argument("--methods", nargs="+", metavar="ARM",
+                      help="only these arms (and the arms they are compared with)")
+  parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+  parser.add_argument("--max-steps", type=int, help="cap every run (smoke runs; results "
+                      "go to runs/glue_quality/ unless --output-dir is given)")
   parser.add_argument("--glue-dir", help="glue_data folder (default: $GLUE_DIR, else "
                       "../shared/glue if present, else the Hugging Face hub)")
   parser.add_argument("--output-dir",
-                      help="default: benchmarks/results/glue_quality/<profile>")
+                      help="default: benchmarks/results/glue_quality/<experiment>")
   parser.add_argument("--keep-models", action="store_true",
                       help="keep each run's checkpoint and saved model")
+  parser.add_argument("--parallel", type=int, default=1,
+                      help="training runs at a time (an accelerator shared by several; "
+                      "each gets 1/N of its memory)")
+  parser.add_argument("--commit", action="store_true",
+                      help="git-commit each run folder as soon as the run has finished")
   parser.add_argument("--aggregate-only", action="store_true",
                       help="only rebuild the summary from finished runs")
   parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
   args = parser.parse_args(argv)
-  profile = PROFILES[args.profile]
-  if profile.needs_model and not args.model:
-    parser.error(f"--profile {profile.name} needs --model (a BERT-large or RoBERTa-large "
-                 "Hugging Face folder)")
+  experiment = EXPERIMENTS[args.experiment]
+  if experiment.needs_model and not args.model:
+    parser.error(f"--experiment {experiment.name} needs --model")
   return args
 
 
-def run(argv: Optional[Sequence[str]] = None, *, trainer: Trainer = train_subprocess
-        ) -> dict[str, Any]:
+def output_root(args: argparse.Namespace) -> pathlib.Path:
+  """Committed results, unless the runs are capped (then a scratch folder)."""
+  if args.output_dir:
+    return pathlib.Path(args.output_dir)
+  if args.max_steps:
+    return common.SCRATCH / "glue_quality" / args.experiment
+  return common.RESULTS / "glue_quality" / args.experiment
+
+
+def run(argv: Optional[Sequence[str]] = None, *, trainer: Trainer = train_subprocess,
+        measurer: Measurer = measure_flatness_subprocess) -> dict[str, Any]:
   args = parse_args(argv)
   argv = list(sys.argv[1:] if argv is None else argv)
-  profile = PROFILES[args.profile]
-  tasks = [t.lower().replace("-", "") for t in (args.tasks or profile.tasks)]
-  methods = list(args.methods or ALL_METHODS)
-  if BASELINE not in methods:
-    methods.insert(0, BASELINE)
-  seeds = list(args.seeds if args.seeds is not None else profile.seeds)
-  root = pathlib.Path(args.output_dir) if args.output_dir else (
-      common.RESULTS / "glue_quality" / profile.name)
-  runs = plan(profile, tasks, methods, seeds, model=args.model,
-              glue_dir=args.glue_dir or default_glue_dir(), max_steps=args.max_steps)
+  experiment = EXPERIMENTS[args.experiment]
+  tasks = None if args.tasks is None else [t.lower().replace("-", "") for t in args.tasks]
+  root = output_root(args)
+  glue_dir = args.glue_dir or default_glue_dir()
+  runs = plan(experiment, tasks=tasks, labels=args.methods, seeds=args.seeds,
+              model=args.model, glue_dir=glue_dir, max_steps=args.max_steps)
   if args.dry_run:
     for r in runs:
       print(f"{r.folder(root)}: python -m examples.glue.train {' '.join(r.train_args)}")
-    return {"planned": len(runs)}
+    print(f"{len(runs)} runs")
+    return {"planned": len(runs), "runs": runs}
+  if args.parallel > 1:
+    # Runs sharing one accelerator each preallocate their share of its memory, not 75%.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.parallel:.3f}")
   if args.aggregate_only:
     results = [done for r in runs if (done := finished(r, root)) is not None]
-    skipped, failures = [r for r in results], []
+    kept, failures = len(results), []
   else:
-    results, skipped, failures = execute(runs, root, trainer=trainer,
-                                         keep_models=args.keep_models)
+    results, kept, failures = execute(runs, root, experiment, trainer=trainer,
+                                      measurer=measurer, keep_models=args.keep_models,
+                                      commit=args.commit, parallel=args.parallel)
   meta = common.stamp(SCRIPT, argv)
-  summary = summarize(results, profile=profile, tasks=tasks, meta=meta, planned=len(runs),
-                      skipped=len(skipped), failures=failures, root=root)
+  summary = summarize(results, experiment=experiment, meta=meta, planned=len(runs),
+                      kept=kept, failures=failures, root=root, glue_dir=glue_dir)
   print(render_markdown(summary))
   print(f"wrote summary.json, summary.md, summary.png to {root}")
   return summary

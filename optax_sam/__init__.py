@@ -1,6 +1,7 @@
 """optax-sam: sharpness-aware and subnetwork fine-tuning optimizers as Optax transforms."""
 
 from optax_sam import fisher
+from optax_sam import flatness
 from optax_sam import perturbations
 from optax_sam import subnetworks
 from optax_sam.core.loss import PerExampleLoss
@@ -19,6 +20,9 @@ from optax_sam.subnetworks.child_tuning import child_tuning_d_mask
 from optax_sam.subnetworks.child_tuning import child_tuning_f
 from optax_sam.subnetworks.dps import dps
 from optax_sam.subnetworks.dps import dps_frozen
+from optax_sam.subnetworks.dps_mix import dps_mix
+from optax_sam.subnetworks.mixout import mixout
+from optax_sam.subnetworks.mixout import mixout_params
 
 __version__ = "0.1.0"
 
@@ -33,10 +37,14 @@ __all__ = (
     "delta_sam",
     "dps",
     "dps_frozen",
+    "dps_mix",
     "fisher",
+    "flatness",
     "fsam",
     "gasam",
     "microbatched_loss",
+    "mixout",
+    "mixout_params",
     "per_instance_sam",
     "perturbations",
     "sam",

@@ -74,6 +74,8 @@ class Method:
     reads_clean_gradient: whether the output depends on the clean gradient's values
       (δ-SAM and per-instance SAM only check that it is finite).
     wraps_base: the constructor takes the base optimizer first (``dps_frozen``).
+    params_transform: ``(params, opt_state) -> params`` the training loss sees (Mixout's
+      mixed weights); the whole-step tests apply it.
     loss_calls: ``(evaluations, traces)`` of ``loss_fn`` per update, for the
       micro-batching tests; ``None`` where micro-batching does not apply.
     reorder_tolerance: factor on the tolerances of the tests that compare one step
@@ -89,6 +91,7 @@ class Method:
   per_example: bool = False
   reads_clean_gradient: bool = True
   wraps_base: bool = False
+  params_transform: Optional[Callable[[Any, Any], Any]] = None
   loss_calls: Optional[tuple[int, int]] = None
   reorder_tolerance: float = 1.0
 
@@ -172,6 +175,10 @@ METHODS: tuple[Method, ...] = (
     Method("dps_frozen", optax_sam.dps_frozen, DPS, DPS_STATIC, wraps_base=True),
     Method("child_tuning_f", optax_sam.child_tuning_f, {"seed": 3}, schedules=("p_keep",)),
     Method("child_tuning_d", optax_sam.child_tuning_d, {"mask": CHILD_MASK}),
+    Method("mixout", optax_sam.mixout, {"p": 0.4, "seed": 2},
+           params_transform=optax_sam.mixout_params),
+    Method("dps_mix", optax_sam.dps_mix, DPS, DPS_STATIC,
+           params_transform=optax_sam.mixout_params),
 )
 
 
@@ -197,17 +204,21 @@ def one_step(tx, params, loss_fn, state=None, **extra):
   return step(params, state)
 
 
-def jitted_step(tx, make_loss_fn, traces=None):
+def jitted_step(tx, make_loss_fn, traces=None, params_transform=None):
   """A jitted ``(params, state, batch) -> (params, state)`` step of ``tx``.
 
   ``make_loss_fn(batch)`` builds the loss_fn; each trace appends to ``traces`` if given.
+  With ``params_transform``, the clean gradient is that of the loss of
+  ``params_transform(params, state)`` (Mixout's mixed weights).
   """
   @jax.jit
   def step(params, state, batch):
     if traces is not None:
       traces.append(1)
     loss_fn = make_loss_fn(batch)
-    grads = clean_grads(loss_fn, params)
+    seen = loss_fn if params_transform is None else (
+        lambda p: loss_fn(params_transform(p, state)))
+    grads = clean_grads(seen, params)
     updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), state
   return step

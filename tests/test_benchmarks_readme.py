@@ -27,10 +27,13 @@ def test_regenerate_rewrites_region_bodies_only():
 
 
 def test_a_goal_is_met_or_missed_only_where_every_run_agrees():
+  verdict = readme._verdict  # pylint: disable=protected-access
+
   def goals(*measured, limit=1.05):
     return [{"measured": m, "limit": limit, "met": m <= limit} for m in measured]
-  assert readme._verdict(goals(1.0, 1.04)) == "met"  # pylint: disable=protected-access
-  assert readme._verdict(goals(1.0, 1.06)) == "not resolved"  # pylint: disable=protected-access
-  assert readme._verdict(goals(1.06, 1.081)) == "**missed by 1.0–3.1 points**"  # pylint: disable=protected-access
-  assert readme._verdict(goals(1.5, 1.7)) == "**missed by 45–65 points**"  # pylint: disable=protected-access
-  assert readme._verdict(goals(1.06, 1.06)) == "**missed by 1.0 points**"  # pylint: disable=protected-access
+
+  assert verdict(goals(1.0, 1.04)) == "met"
+  assert verdict(goals(1.0, 1.06)) == "not resolved"
+  assert verdict(goals(1.06, 1.081)) == "**missed by 1.0–3.1 points**"
+  assert verdict(goals(1.5, 1.7)) == "**missed by 45–65 points**"
+  assert verdict(goals(1.06, 1.06)) == "**missed by 1.0 points**"

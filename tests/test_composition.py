@@ -100,14 +100,15 @@ def test_inject_hyperparams_matches_plain_and_the_hyperparameter_is_live(method)
 
 @pytest.mark.parametrize("method", EVERY_METHOD)
 def test_jit_compiles_once_with_fixed_state_signature(method):
-  """Three whole training steps (clean gradient, method, AdamW, apply_updates)."""
+  """Five whole training steps (clean gradient, method, AdamW, apply_updates): through
+  FSAM's refreshes and a whole DPS cycle (stages of two steps) into the next."""
   params, batch = harness.make_problem()
   tx = method.optimizer(optax.adamw(1e-2))
   traces = []
-  step = harness.jitted_step(tx, method.loss_fn, traces)
+  step = harness.jitted_step(tx, method.loss_fn, traces, method.params_transform)
   state = tx.init(params)
   signature = harness.signature(state)
-  for _ in range(3):
+  for _ in range(5):
     params, state = step(params, state, batch)
     assert harness.signature(state) == signature
   assert len(traces) == 1 and step._cache_size() == 1

@@ -70,7 +70,8 @@ def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
       continue
     keywords = inspect.signature(getattr(optax_sam, method.constructor)).parameters
     assert set(method.flags.values()) <= set(keywords), method.name
-  for name in ("delta_sam", "dps", "child_tuning_d_mask"):  # Library additions appear.
+  for name in ("delta_sam", "dps", "child_tuning_d_mask", "dps_mix",
+               "mixout"):  # Library additions appear.
     assert hasattr(optax_sam, name) == any(
         m.constructor == name for m in methods.METHODS.values())
 
@@ -87,16 +88,18 @@ def test_subnetwork_methods_keep_the_papers_scope(monkeypatch):
       return optax.identity()
     return record
 
-  for constructor in ("dps", "dps_frozen", "child_tuning_f", "child_tuning_d_mask"):
+  constructors = ("dps", "dps_frozen", "dps_mix", "mixout", "child_tuning_f",
+                  "child_tuning_d_mask")
+  for constructor in constructors:
     monkeypatch.setattr(optax_sam, constructor, recorder(constructor))
   monkeypatch.setattr(optax_sam, "child_tuning_d", lambda mask: optax.identity())
   context = methods.MethodContext(total_steps=100, seed=0, params=None,
                                   loss_fn_for=None, train_batches=lambda: [],
                                   num_train_batches=0)
-  for name in ("dps", "dps-frozen", "child-tuning-f", "child-tuning-d"):
+  for name in ("dps", "dps-frozen", "dps-mix", "mixout", "child-tuning-f",
+               "child-tuning-d"):
     methods.METHODS[name].build({}, context, optax.identity())
-  assert scopes == dict.fromkeys(
-      ("dps", "dps_frozen", "child_tuning_f", "child_tuning_d_mask"), methods.PAPER_SCOPE)
+  assert scopes == dict.fromkeys(constructors, methods.PAPER_SCOPE)
 
   ids = np.zeros((1, 4), np.int32)
   shapes = jax.eval_shape(model_lib.SequenceClassifier(pretrained.encoder_config(TINY_BERT),

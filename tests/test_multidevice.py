@@ -42,7 +42,7 @@ def mesh():
   return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
 
 
-def data_parallel_run(tx, make_loss_fn, axis_type, steps=3):
+def data_parallel_run(tx, make_loss_fn, axis_type, steps=3, params_transform=None):
   """``steps`` jitted training steps on one device and data-parallel on 8.
 
   Returns ``(one device, eight devices, traces, the compiled step's HLO text)``: the
@@ -50,7 +50,7 @@ def data_parallel_run(tx, make_loss_fn, axis_type, steps=3):
   """
   params, batch = harness.make_problem(batch=BATCH)
   traces = []
-  step = harness.jitted_step(tx, make_loss_fn, traces)
+  step = harness.jitted_step(tx, make_loss_fn, traces, params_transform)
   expected = harness.run_steps(step, tx, params, batch, steps)
   sharded, replicated = harness.data_parallel(batch, axis_type)
   assert len(sharded["x"].addressable_shards) == DEVICES
@@ -68,7 +68,8 @@ def test_sharded_batch_gives_single_device_steps(method, axis_type):
   """Batch over a "data" axis, replicated parameters: the gradients are global, so
   every method gives the single-device steps (a global perturbation)."""
   tx = method.optimizer(optax.adamw(1e-2))
-  expected, got, traced, hlo = data_parallel_run(tx, method.loss_fn, axis_type)
+  expected, got, traced, hlo = data_parallel_run(tx, method.loss_fn, axis_type,
+                                                 params_transform=method.params_transform)
   # It really ran data-parallel: the compiled step reduces across devices.
   assert "all-reduce" in hlo
   assert got[0]["kernel"].sharding.is_fully_replicated

@@ -141,7 +141,7 @@ def test_keep_ratio_schedule_is_rejected():
     optax_sam.fsam(keep_ratio=optax.constant_schedule(0.5))
 
 
-# ------------------- schedules: accepted where documented, refused elsewhere -------------------
+# -------------- schedules: accepted where documented, refused elsewhere --------------
 
 def _schedule_cases():
   """(constructor, float argument, accepts a schedule) for every float hyperparameter of

@@ -14,7 +14,6 @@ import logging
 import pathlib
 from typing import Iterator, Optional, Sequence
 
-import datasets
 import numpy as np
 import sklearn.model_selection
 import transformers
@@ -223,6 +222,9 @@ def _load_from_hub(task: Task, split: str) -> Split:
   level = hub_logger.level
   hub_logger.setLevel(logging.ERROR)
   try:
+    # Imported here: a machine with local GLUE folders (an offline accelerator) needs no
+    # hub client.
+    import datasets  # pylint: disable=g-import-not-at-top
     dataset = datasets.load_dataset(HUB_DATASET, task.hub_config or task.name,
                                     split=hub_split)
   except Exception as error:  # Offline, unreachable, missing cache: all mean the same.

@@ -4,9 +4,9 @@ Every method is placed before the base optimizer (gradient clipping and AdamW), 
 papers do: ``optax.chain(method, clip_by_global_norm, adamw)``. A method is offered only
 when the installed ``optax_sam`` has its constructor, so methods added to the library
 appear here by adding one row to ``_ALL_METHODS``. Hyperparameter flags left unset keep
-the library's defaults, except one: the subnetwork methods (DPS, Child-Tuning) get the
-papers' BERT scope, the encoder's dense kernels (``PAPER_SCOPE``), where the library's
-default scope is every matrix.
+the library's defaults, except one: the subnetwork methods (DPS, DPS-Mix, Mixout,
+Child-Tuning) get the papers' BERT scope, the encoder's dense kernels (``PAPER_SCOPE``),
+where the library's default scope is every matrix.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import tqdm
 
 import optax_sam
 
-# DPS's and Child-Tuning's scope in their papers: the weight matrices of the encoder's
-# dense layers (embeddings, LayerNorms, biases and the classifier update densely).
+# DPS's, Mixout's and Child-Tuning's scope in their papers: the weight matrices of the
+# encoder's dense layers (embeddings, LayerNorms, biases and the classifier update
+# densely).
 PAPER_SCOPE = optax_sam.subnetworks.encoder_dense_kernels
 
 
@@ -63,6 +64,8 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("--update-ratio", float, "DPS: stage length as a fraction of all steps"),
     Hyperparameter("--exclude-ratio", float, "DPS: fraction of each matrix left out"),
     Hyperparameter("--p-keep", float, "Child-Tuning_F: probability of keeping an entry"),
+    Hyperparameter("--mixout-p", float,
+                   "Mixout, DPS-Mix: probability of mixing a neuron back to its target"),
 )
 
 
@@ -106,6 +109,9 @@ class Method:
     reads_clean_gradient: whether the optimizer uses the values of the gradient it is
       given; δ-SAM builds its ascent from its own reweighted pass, so its training step
       can skip the clean backward pass.
+    params_transform: ``(params, opt_state) -> params`` the training loss sees instead
+      of the parameters (Mixout's mixed weights), or ``None``; evaluation and the
+      exported model use the parameters themselves.
   """
 
   name: str
@@ -113,6 +119,7 @@ class Method:
   flags: Mapping[str, str]
   build: Builder
   reads_clean_gradient: bool = True
+  params_transform: Optional[Callable[[Any, Any], Any]] = None
 
 
 def _before_base(constructor: str, *context_keywords: str, **fixed: Any) -> Builder:
@@ -143,6 +150,11 @@ def _dps_frozen(hyperparameters, context, base):
                               scope=PAPER_SCOPE)
 
 
+def _mixout_params(params: Any, opt_state: Any) -> Any:
+  # Looked up when called, so that this module imports with an optax_sam that lacks it.
+  return optax_sam.mixout_params(params, opt_state)
+
+
 _RHO = {"rho": "rho"}
 _DPS = {"update_ratio": "update_ratio", "exclude_ratio": "exclude_ratio"}
 _ALL_METHODS = (
@@ -164,6 +176,12 @@ _ALL_METHODS = (
            _before_base("per_instance_sam")),
     Method("dps", "dps", _DPS, _before_base("dps", "total_steps", scope=PAPER_SCOPE)),
     Method("dps-frozen", "dps_frozen", _DPS, _dps_frozen),
+    Method("dps-mix", "dps_mix", {**_DPS, "mixout_p": "mixout_p"},
+           _before_base("dps_mix", "total_steps", "seed", scope=PAPER_SCOPE),
+           params_transform=_mixout_params),
+    Method("mixout", "mixout", {"mixout_p": "p"},
+           _before_base("mixout", "seed", scope=PAPER_SCOPE),
+           params_transform=_mixout_params),
     Method("child-tuning-f", "child_tuning_f", {"p_keep": "p_keep"},
            _before_base("child_tuning_f", "seed", scope=PAPER_SCOPE)),
     Method("child-tuning-d", "child_tuning_d_mask", {"keep_ratio": "keep_ratio"},

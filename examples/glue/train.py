@@ -24,7 +24,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.serialization
 import jax
@@ -169,14 +169,16 @@ def learning_rate_schedule(peak: float, total_steps: int,
 
 def make_train_step(model: model_lib.SequenceClassifier,
                     tx: optax.GradientTransformation, is_regression: bool, *,
-                    clean_gradient: bool = True):
+                    clean_gradient: bool = True,
+                    params_transform: Optional[Callable[[Any, Any], Any]] = None):
   """The training step ``(state, batch) -> (state, mean loss)``, to be jitted.
 
   Every example gets its own dropout key, so the per-example loss is a function of the
   example alone (``optax_sam.PerExampleLoss``); the method's second pass reuses the batch
   and the keys of the clean gradient. With ``clean_gradient=False`` (for an optimizer
   that ignores the gradient's values, as δ-SAM does) it hands ``tx`` zeros and runs the
-  forward pass only.
+  forward pass only. ``params_transform(params, opt_state)``, if given, is what the loss
+  sees in place of the parameters (Mixout's mixed weights).
   """
   per_example = functools.partial(example_loss, model=model, is_regression=is_regression)
 
@@ -186,7 +188,10 @@ def make_train_step(model: model_lib.SequenceClassifier,
     keys = jax.random.split(jax.random.fold_in(state.dropout_key, state.step),
                             example_mask.shape[0])
     examples = {name: value for name, value in batch.items() if name != "example_mask"}
-    loss_fn = optax_sam.PerExampleLoss(per_example, dict(examples, dropout_key=keys))
+    loss_of = per_example if params_transform is None else (
+        lambda params, example: per_example(params_transform(params, state.opt_state),
+                                            example))
+    loss_fn = optax_sam.PerExampleLoss(loss_of, dict(examples, dropout_key=keys))
     mean_loss = lambda params: optax_sam.batch_mean(loss_fn(params), example_mask)
     if clean_gradient:
       loss, grads = jax.value_and_grad(mean_loss)(state.params)
@@ -397,7 +402,8 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
   train_step = jax.jit(make_train_step(model, tx, task.is_regression,
-                                       clean_gradient=method.reads_clean_gradient),
+                                       clean_gradient=method.reads_clean_gradient,
+                                       params_transform=method.params_transform),
                        in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
   predict = jax.jit(

@@ -1,4 +1,4 @@
-"""Which parameters a subnetwork method masks: by default every matrix.
+"""Which parameters a subnetwork method masks or mixes: by default every matrix.
 
 The default, :func:`all_matrices`, is a rule on shapes alone, so it means the same on
 every model. The papers' BERT setting (the encoder's dense-layer weight matrices) is
