@@ -34,9 +34,9 @@ import jax.numpy as jnp
 
 import optax_sam
 from benchmarks import common
-from examples.glue import checkpoint
 from examples.glue import data
 from examples.glue import model as model_lib
+from examples.glue import pretrained as pretrained_lib
 from examples.glue import train
 
 # Fixed so that every run is measured on the same examples and from the same start.
@@ -114,12 +114,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   task = data.get_task(args.task)
-  pretrained = checkpoint.load_pretrained(args.model_dir, task.num_labels)
+  pretrained = pretrained_lib.load_pretrained(args.model_dir, task.num_labels)
   if pretrained.fresh_modules:
     raise SystemExit(f"error: {args.model_dir} has no fine-tuned "
                      f"{', '.join(pretrained.fresh_modules)}")
   model = model_lib.SequenceClassifier(pretrained.config, task.num_labels)
-  batch = measurement_batch(task, checkpoint.load_tokenizer(args.model_dir),
+  batch = measurement_batch(task, pretrained_lib.load_tokenizer(args.model_dir),
                             glue_dir=args.glue_dir, train_size=args.train_size,
                             data_seed=args.data_seed, examples=args.examples,
                             max_length=args.max_length, micro_batch=args.micro_batch)

@@ -32,11 +32,11 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from examples.glue import checkpoint
 from examples.glue import data
+from examples.glue import pretrained
 
 DEFAULT_TASKS = ("stsb", "sst2", "mrpc", "cola", "rte")
-MODEL_FILES = (checkpoint.CONFIG_FILE, *checkpoint.TOKENIZER_FILES, "tokenizer_config.json",
+MODEL_FILES = (pretrained.CONFIG_FILE, *pretrained.TOKENIZER_FILES, "tokenizer_config.json",
                "special_tokens_map.json")
 MIB = 2 ** 20
 
@@ -67,7 +67,7 @@ def pack(output: pathlib.Path, *, model_dir: pathlib.Path, tasks: Sequence[str],
 
   Raises:
     PackTooLarge: if the files would exceed ``limit_mib`` (nothing is left behind).
-    data.DataError, checkpoint.CheckpointError: for a missing task file or model file.
+    data.DataError, pretrained.PretrainedModelError: for a missing task file or model file.
   """
   if output.exists():
     shutil.rmtree(output)
@@ -76,10 +76,10 @@ def pack(output: pathlib.Path, *, model_dir: pathlib.Path, tasks: Sequence[str],
     for name in MODEL_FILES:
       if (model_dir / name).is_file():
         shutil.copyfile(model_dir / name, output / "model" / name)
-    weights = model_dir / checkpoint.WEIGHTS_FILE
+    weights = model_dir / pretrained.WEIGHTS_FILE
     if not weights.is_file():
-      raise checkpoint.CheckpointError(f"missing checkpoint file {weights}")
-    write_bfloat16_weights(weights, output / "model" / checkpoint.WEIGHTS_FILE)
+      raise pretrained.PretrainedModelError(f"missing model file {weights}")
+    write_bfloat16_weights(weights, output / "model" / pretrained.WEIGHTS_FILE)
     for name in tasks:
       task = data.get_task(name)
       for split in ("train", task.dev_file):
@@ -125,10 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error("no GLUE folder: pass --glue-dir or set GLUE_DIR")
   try:
     manifest = pack(pathlib.Path(args.output),
-                    model_dir=pathlib.Path(args.model or checkpoint.default_model_dir()),
+                    model_dir=pathlib.Path(args.model or pretrained.default_model_dir()),
                     tasks=args.tasks, glue_dir=pathlib.Path(glue_dir),
                     limit_mib=args.limit_mib)
-  except (PackTooLarge, data.DataError, checkpoint.CheckpointError) as error:
+  except (PackTooLarge, data.DataError, pretrained.PretrainedModelError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   print(f"wrote {args.output}: {len(manifest['files'])} files, "

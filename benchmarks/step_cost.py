@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
-import os
 import pathlib
 import statistics
 import subprocess
@@ -52,8 +50,9 @@ import tqdm
 
 import optax_sam
 from benchmarks import common
-from examples.glue import checkpoint as checkpoint_lib
+from benchmarks import step_cost_report as report
 from examples.glue import model as model_lib
+from examples.glue import pretrained as pretrained_lib
 from optax_sam.core import selection as selection_lib
 
 SCRIPT = "benchmarks/step_cost.py"
@@ -64,6 +63,8 @@ RHO = 0.05
 NORM_EPS = 1e-12
 # The largest mask_every whose count check never fires again after the first step.
 NEVER = 2**30
+# DPS's and Child-Tuning's scope in their papers, as in the GLUE example.
+PAPER_SCOPE = optax_sam.subnetworks.encoder_dense_kernels
 
 # Random-weight encoders of the papers' sizes (BERT's vocabulary and positions).
 CONFIGS: dict[str, dict[str, int]] = {
@@ -76,31 +77,6 @@ CONFIGS: dict[str, dict[str, int]] = {
                  intermediate_size=64, max_positions=64, type_vocab_size=2),
 }
 CONFIG_CHOICES = ("minilm", *CONFIGS)
-
-# Row name -> what it computes (the Markdown table's second column).
-DESCRIPTIONS = {
-    "adamw": "AdamW alone: one gradient evaluation",
-    "floor": "hand-written SAM step: two gradient evaluations + AdamW (the floor)",
-    "optax-contrib-sam": "optax.contrib.sam, opaque mode (normalize + sgd(rho) adversary)",
-    "sam": "optax_sam.sam",
-    "asam": "optax_sam.asam",
-    "fsam[normal]": "optax_sam.fsam, a step that keeps the mask",
-    "fsam[refresh]": "optax_sam.fsam, a step that refreshes the mask (per-example Fisher)",
-    "fsam": "optax_sam.fsam, amortised: ((N-1) normal + refresh) / N",
-    "gasam": "optax_sam.gasam",
-    "delta-sam": "optax_sam.delta_sam",
-    "per-instance-sam": "optax_sam.per_instance_sam (chunked vmap)",
-    "dps": "optax_sam.dps (Stage I/II step; selection step excluded)",
-    "child-tuning-f": "optax_sam.child_tuning_f",
-    "child-tuning-d": "optax_sam.child_tuning_d (fixed mask; mask pass excluded)",
-    "torch-adamw": "PyTorch eager: BertModel + linear head, AdamW",
-    "torch-sam": "PyTorch eager: the same SAM + AdamW step",
-}
-REFERENCE_ROWS = ("adamw", "floor", "optax-contrib-sam")
-LIBRARY_ROWS = ("sam", "asam", "fsam", "gasam", "delta-sam", "per-instance-sam", "dps",
-                "child-tuning-f", "child-tuning-d")
-TORCH_ROWS = ("torch-adamw", "torch-sam")
-ALL_ROWS = REFERENCE_ROWS + LIBRARY_ROWS + TORCH_ROWS
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,8 +110,8 @@ def random_batch(rng: np.random.Generator, size: int, length: int,
 def make_setup(args: argparse.Namespace) -> Setup:
   """Loads the checkpoint (or draws random weights) and a random batch."""
   if args.model_dir or args.config == "minilm":
-    folder = pathlib.Path(args.model_dir or checkpoint_lib.default_model_dir())
-    pretrained = checkpoint_lib.load_pretrained(folder, NUM_LABELS, seed=0, dropout=0.0)
+    folder = pathlib.Path(args.model_dir or pretrained_lib.default_model_dir())
+    pretrained = pretrained_lib.load_pretrained(folder, NUM_LABELS, seed=0, dropout=0.0)
     config, params = pretrained.config, pretrained.params
     description = f"checkpoint {folder.name if args.model_dir else 'all-MiniLM-L6-v2'}"
   else:
@@ -160,24 +136,30 @@ def make_setup(args: argparse.Namespace) -> Setup:
   return Setup(config, module, params, batch, big_batch, folder, description)
 
 
-class BatchedPerExampleLoss(optax_sam.PerExampleLoss):
-  """A :class:`optax_sam.PerExampleLoss` whose batch losses come from one batched call.
+@dataclasses.dataclass(frozen=True)
+class Losses:
+  """The model's per-example cross-entropy, as every row's step uses it.
 
-  Calling it runs the model on the whole batch at once; the methods that need
-  per-example gradients (FSAM's Fisher, per-instance SAM) still find ``example_loss``
-  and differentiate each example on its own. Both give the same losses.
+  Attributes:
+    batch_loss: ``(params, batch) -> [batch]`` losses from one batched forward pass.
+    example_loss: ``(params, example) -> scalar``, the loss of one row.
   """
 
-  def __init__(self, example_loss, batch_loss, batch):
-    super().__init__(example_loss, batch)
-    self.batch_loss = batch_loss
+  batch_loss: Callable[[Any, Any], jax.Array]
+  example_loss: Callable[[Any, Any], jax.Array]
 
-  def __call__(self, params):
-    return self.batch_loss(params, self.batch)
+  def mean_loss(self, params: Any, batch: Any) -> jax.Array:
+    return jnp.mean(self.batch_loss(params, batch))
+
+  def loss_fn(self, batch: Any) -> optax_sam.PerExampleLoss:
+    """The library's ``loss_fn``: the batched forward pass for the whole-batch passes;
+    the methods that need per-example gradients (FSAM's Fisher, per-instance SAM)
+    differentiate ``example_loss`` one example at a time. Both give the same losses."""
+    return optax_sam.PerExampleLoss(self.example_loss, batch, batch_loss=self.batch_loss)
 
 
-def loss_functions(module: model_lib.SequenceClassifier):
-  """``(batch_loss, example_loss)``: per-example cross-entropy, batched or of one row."""
+def loss_functions(module: model_lib.SequenceClassifier) -> Losses:
+  """The classifier's per-example cross-entropy, batched and of one row."""
 
   def batch_loss(params, batch):
     logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -188,7 +170,7 @@ def loss_functions(module: model_lib.SequenceClassifier):
   def example_loss(params, example):
     return batch_loss(params, jax.tree.map(lambda x: x[None], example))[0]
 
-  return batch_loss, example_loss
+  return Losses(batch_loss, example_loss)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,36 +232,113 @@ def _adamw() -> optax.GradientTransformation:
   return optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
 
-def _method(name: str, args: argparse.Namespace, params: Any
-            ) -> optax.GradientTransformation:
-  """The library transform of a row (chained before AdamW by the caller)."""
-  if name == "sam":
-    return optax_sam.sam(RHO)
-  if name == "asam":
-    return optax_sam.asam(0.5)
-  if name == "fsam[normal]":  # the mask is refreshed at the first (warm-up) step only
-    return optax_sam.fsam(RHO, mask_every=NEVER)
-  if name == "fsam[refresh]":
-    return optax_sam.fsam(RHO, mask_every=1)
-  if name == "gasam":
-    return optax_sam.gasam(RHO)
-  if name == "delta-sam":
-    return optax_sam.delta_sam(RHO)
-  if name == "per-instance-sam":
-    return optax_sam.per_instance_sam(RHO, chunk_size=args.per_instance_chunk)
-  if name == "dps":  # a long run: every timed step is in Stage I, none selects
-    return optax_sam.dps(total_steps=NEVER)
-  if name == "child-tuning-f":
-    return optax_sam.child_tuning_f(0.3)
-  if name == "child-tuning-d":
-    return optax_sam.child_tuning_d(random_child_mask(params, 0.3))
-  raise KeyError(name)
+# A JAX row's builder: (losses, args, params) -> (optimizer, step), where
+# step(params, opt_state, batch) -> (params, opt_state, loss) is jitted by the caller.
+Step = Callable[[Any, Any, Any], tuple[Any, Any, jax.Array]]
+StepBuilder = Callable[[Losses, argparse.Namespace, Any],
+                       tuple[optax.GradientTransformation, Step]]
+
+
+def _training_step(losses: Losses, update: Callable[..., Any]) -> Step:
+  """The step every JAX row shares: the clean gradient, ``update``, ``apply_updates``.
+
+  ``update(grads, opt_state, params, batch) -> (updates, opt_state)`` is the row's own
+  part.
+  """
+  grad = jax.value_and_grad(losses.mean_loss)
+
+  def step(params, opt_state, batch):
+    loss, grads = grad(params, batch)
+    updates, opt_state = update(grads, opt_state, params, batch)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def _adamw_step(losses: Losses, args: argparse.Namespace, params: Any):
+  del args, params
+  tx = _adamw()
+  return tx, _training_step(losses, lambda grads, state, params, batch: tx.update(
+      grads, state, params))
+
+
+def _floor_step(losses: Losses, args: argparse.Namespace, params: Any):
+  del args, params
+  tx = _adamw()
+
+  def update(grads, opt_state, params, batch):
+    norm = optax.tree.norm(grads)
+    perturbed = jax.tree.map(lambda w, g: w + RHO / (norm + NORM_EPS) * g, params, grads)
+    return tx.update(jax.grad(losses.mean_loss)(perturbed, batch), opt_state, params)
+
+  return tx, _training_step(losses, update)
+
+
+def _optax_contrib_sam_step(losses: Losses, args: argparse.Namespace, params: Any):
+  del args, params
+  tx = optax.contrib.sam(_adamw(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+                         opaque_mode=True)
+
+  def update(grads, opt_state, params, batch):
+    grad_fn = lambda p, _: jax.grad(losses.mean_loss)(p, batch)
+    return tx.update(grads, opt_state, params, grad_fn=grad_fn)
+
+  return tx, _training_step(losses, update)
+
+
+def _library(method: Callable[[argparse.Namespace, Any], optax.GradientTransformation]
+             ) -> StepBuilder:
+  """A library row: ``optax.chain(method(args, params), adamw)`` called with ``loss_fn``."""
+
+  def build(losses: Losses, args: argparse.Namespace, params: Any):
+    tx = optax.chain(method(args, params), _adamw())
+    return tx, _training_step(losses, lambda grads, state, params, batch: tx.update(
+        grads, state, params, loss_fn=losses.loss_fn(batch)))
+
+  return build
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchContext:
+  """What a PyTorch row's step needs: the module, the parameters, its own AdamW, and
+  ``backward()``, which runs the batch's forward and backward pass."""
+  torch: Any
+  params: list[Any]
+  optimizer: Any
+  backward: Callable[[], None]
+
+
+def _torch_adamw_step(ctx: TorchContext) -> Callable[[], None]:
+  def step():
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.backward()
+    ctx.optimizer.step()
+  return step
+
+
+def _torch_sam_step(ctx: TorchContext) -> Callable[[], None]:
+  torch = ctx.torch
+
+  def step():
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.backward()
+    with torch.no_grad():
+      grads = [p.grad for p in ctx.params]
+      norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pylint: disable=protected-access
+      epsilon = torch._foreach_mul(grads, RHO / (norm + NORM_EPS))  # pylint: disable=protected-access
+      torch._foreach_add_(ctx.params, epsilon)  # pylint: disable=protected-access
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.backward()
+    with torch.no_grad():
+      torch._foreach_sub_(ctx.params, epsilon)  # pylint: disable=protected-access
+    ctx.optimizer.step()
+
+  return step
 
 
 def random_child_mask(params: Any, keep: float) -> Any:
   """A fixed random child network (the mask's values do not change the step's cost)."""
-  in_scope = selection_lib.select(params, optax_sam.subnetworks.encoder_dense_kernels,
-                                  argument="scope")
+  in_scope = selection_lib.select(params, PAPER_SCOPE, argument="scope")
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   chosen = jax.tree.leaves(in_scope)
@@ -288,54 +347,119 @@ def random_child_mask(params: Any, keep: float) -> Any:
   return jax.tree.unflatten(treedef, masks)
 
 
+def _amortised_fsam(records: dict[str, dict[str, Any]],
+                    args: argparse.Namespace) -> dict[str, Any]:
+  """The ``fsam`` record from its two measured rows: ((N-1) normal + refresh) / N."""
+  normal, refresh = records["fsam[normal]"], records["fsam[refresh]"]
+  n = args.fsam_mask_every
+  return {
+      "name": "fsam", "description": ROW_BY_NAME["fsam"].description.replace("N", str(n)),
+      "median_s": ((n - 1) * normal["median_s"] + refresh["median_s"]) / n,
+      "derived_from": {"fsam[normal]": n - 1, "fsam[refresh]": 1, "divisor": n},
+      "compiled_memory_bytes": max(normal["compiled_memory_bytes"] or 0,
+                                   refresh["compiled_memory_bytes"] or 0) or None,
+      "peak_bytes_in_use": max([p for p in (normal["peak_bytes_in_use"],
+                                            refresh["peak_bytes_in_use"]) if p],
+                               default=None)}
+
+
+REFERENCE, LIBRARY, TORCH = "reference", "library", "torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """One row of the table. Adding a row is adding one ``RowSpec`` to ``ROWS``.
+
+  Attributes:
+    name: the row's name (``--methods``, the tables, ``step_cost.json``).
+    kind: ``"reference"``, ``"library"`` or ``"torch"`` (the plot's colours).
+    description: what it computes (the table's second column).
+    step: a JAX row's builder, ``(losses, args, params) -> (optimizer, step)``;
+      ``_library(method)`` for a library transform chained before AdamW.
+    torch_step: a PyTorch row's builder, ``TorchContext -> step()``.
+    note: ``(args, torch threads) -> str``, a line for the notes when the row runs.
+    measured_as: a derived row's measured rows (run in its place).
+    derive: ``(records, args) -> record``, a derived row's record from theirs.
+    selectable: offered by ``--methods`` (not the rows measured for a derived one).
+  """
+
+  name: str
+  kind: str
+  description: str
+  step: Optional[StepBuilder] = None
+  torch_step: Optional[Callable[[TorchContext], Callable[[], None]]] = None
+  note: Optional[Callable[[argparse.Namespace, int], str]] = None
+  measured_as: tuple[str, ...] = ()
+  derive: Optional[Callable[[dict, argparse.Namespace], dict]] = None
+  selectable: bool = True
+
+
+# Every row, in the order of the tables.
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("adamw", REFERENCE, "AdamW alone: one gradient evaluation", _adamw_step),
+    RowSpec("floor", REFERENCE,
+            "hand-written SAM step: two gradient evaluations + AdamW (the floor)",
+            _floor_step),
+    RowSpec("optax-contrib-sam", REFERENCE,
+            "optax.contrib.sam, opaque mode (normalize + sgd(rho) adversary)",
+            _optax_contrib_sam_step),
+    RowSpec("sam", LIBRARY, "optax_sam.sam", _library(lambda a, p: optax_sam.sam(RHO))),
+    RowSpec("asam", LIBRARY, "optax_sam.asam", _library(lambda a, p: optax_sam.asam(0.5))),
+    RowSpec("fsam", LIBRARY, "optax_sam.fsam, amortised: ((N-1) normal + refresh) / N",
+            measured_as=("fsam[normal]", "fsam[refresh]"), derive=_amortised_fsam,
+            note=lambda args, threads: (
+                f"fsam: amortised from two measured rows, ((N-1) * median(fsam[normal]) "
+                f"+ median(fsam[refresh])) / N with N = mask_every = "
+                f"{args.fsam_mask_every}; fsam[refresh] is fsam(mask_every=1), whose "
+                f"every step recomputes the per-example Fisher "
+                f"({min(32, args.batch_size)} examples, chunks of 8) and the global top-k")),
+    # The mask is refreshed at the first (warm-up) step only.
+    RowSpec("fsam[normal]", LIBRARY, "optax_sam.fsam, a step that keeps the mask",
+            _library(lambda a, p: optax_sam.fsam(RHO, mask_every=NEVER)), selectable=False),
+    RowSpec("fsam[refresh]", LIBRARY,
+            "optax_sam.fsam, a step that refreshes the mask (per-example Fisher)",
+            _library(lambda a, p: optax_sam.fsam(RHO, mask_every=1)), selectable=False),
+    RowSpec("gasam", LIBRARY, "optax_sam.gasam", _library(lambda a, p: optax_sam.gasam(RHO))),
+    RowSpec("delta-sam", LIBRARY, "optax_sam.delta_sam",
+            _library(lambda a, p: optax_sam.delta_sam(RHO))),
+    RowSpec("per-instance-sam", LIBRARY, "optax_sam.per_instance_sam (chunked vmap)",
+            _library(lambda a, p: optax_sam.per_instance_sam(
+                RHO, chunk_size=a.per_instance_chunk)),
+            note=lambda args, threads: (
+                f"per-instance-sam: chunk size {args.per_instance_chunk}")),
+    # A long run: every timed step is in Stage I, none selects.
+    RowSpec("dps", LIBRARY, "optax_sam.dps (Stage I/II step; selection step excluded)",
+            _library(lambda a, p: optax_sam.dps(total_steps=NEVER, scope=PAPER_SCOPE)),
+            note=lambda args, threads: (
+                "dps: a Stage I/II step; the selection step (per-matrix top-k, once per "
+                "cycle of 2 x 5% of the run) is not in the row")),
+    RowSpec("child-tuning-f", LIBRARY, "optax_sam.child_tuning_f",
+            _library(lambda a, p: optax_sam.child_tuning_f(0.3, scope=PAPER_SCOPE))),
+    RowSpec("child-tuning-d", LIBRARY,
+            "optax_sam.child_tuning_d (fixed mask; mask pass excluded)",
+            _library(lambda a, p: optax_sam.child_tuning_d(random_child_mask(p, 0.3))),
+            note=lambda args, threads: (
+                "child-tuning-d: a fixed random 30% mask of the encoder's dense kernels; "
+                "the gradient pass that chooses the mask before training is not in the "
+                "row")),
+    RowSpec("torch-adamw", TORCH, "PyTorch eager: BertModel + linear head, AdamW",
+            torch_step=_torch_adamw_step),
+    RowSpec("torch-sam", TORCH, "PyTorch eager: the same SAM + AdamW step",
+            torch_step=_torch_sam_step,
+            note=lambda args, threads: (
+                f"torch rows: torch.set_num_threads({threads}), the number of cores JAX's "
+                "CPU backend spreads its work over; SAM written with foreach ops (perturb "
+                "in place, second backward, restore, AdamW step)")),
+)
+ROW_BY_NAME = {spec.name: spec for spec in ROWS}
+ALL_ROWS = tuple(spec.name for spec in ROWS if spec.selectable)  # --methods
+TORCH_ROWS = tuple(spec.name for spec in ROWS if spec.kind == TORCH)
+KINDS = {spec.name: spec.kind for spec in ROWS}
+
+
 def jax_row(name: str, setup: Setup, args: argparse.Namespace) -> Row:
   """Builds and compiles the step of row ``name``."""
-  batch_loss, example_loss = loss_functions(setup.module)
-
-  def mean_loss(params, batch):
-    return jnp.mean(batch_loss(params, batch))
-
-  grad = jax.value_and_grad(mean_loss)
-
-  if name == "adamw":
-    tx = _adamw()
-
-    def step(params, opt_state, batch):
-      loss, grads = grad(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  elif name == "floor":
-    tx = _adamw()
-
-    def step(params, opt_state, batch):
-      loss, grads = grad(params, batch)
-      norm = optax.tree.norm(grads)
-      perturbed = jax.tree.map(lambda w, g: w + RHO / (norm + NORM_EPS) * g, params, grads)
-      _, grads = grad(perturbed, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  elif name == "optax-contrib-sam":
-    tx = optax.contrib.sam(_adamw(),
-                           optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
-                           opaque_mode=True)
-
-    def step(params, opt_state, batch):
-      loss, grads = grad(params, batch)
-      grad_fn = lambda p, _: jax.grad(mean_loss)(p, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-  else:
-    tx = optax.chain(_method(name, args, setup.params), _adamw())
-
-    def step(params, opt_state, batch):
-      loss_fn = BatchedPerExampleLoss(example_loss, batch_loss, batch)
-      loss, grads = grad(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
-      return optax.apply_updates(params, updates), opt_state, loss
-
+  tx, step = ROW_BY_NAME[name].step(loss_functions(setup.module), args, setup.params)
   opt_state = jax.jit(tx.init)(setup.params)
   return _compiled_row(name, step, setup.params, opt_state, setup.batch, feed_back=1)
 
@@ -377,37 +501,18 @@ def torch_rows(setup: Setup, args: argparse.Namespace, threads: int
     loss = torch.nn.functional.cross_entropy(head(pooled), batch["labels"])
     loss.backward()
 
-  def make(name: str) -> Row:
+  def make(spec: RowSpec) -> Row:
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    step = spec.torch_step(TorchContext(torch, params, optimizer, backward))
+    return Row(spec.name, step, note=f"torch {torch.__version__}, {threads} threads")
 
-    def adamw_step():
-      optimizer.zero_grad(set_to_none=True)
-      backward()
-      optimizer.step()
-
-    def sam_step():
-      optimizer.zero_grad(set_to_none=True)
-      backward()
-      with torch.no_grad():
-        grads = [p.grad for p in params]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pylint: disable=protected-access
-        epsilon = torch._foreach_mul(grads, RHO / (norm + NORM_EPS))  # pylint: disable=protected-access
-        torch._foreach_add_(params, epsilon)  # pylint: disable=protected-access
-      optimizer.zero_grad(set_to_none=True)
-      backward()
-      with torch.no_grad():
-        torch._foreach_sub_(params, epsilon)  # pylint: disable=protected-access
-      optimizer.step()
-
-    return Row(name, adamw_step if name == "torch-adamw" else sam_step,
-               note=f"torch {torch.__version__}, {threads} threads")
-
-  return [make(name) for name in TORCH_ROWS if name in args.methods], None
+  return [make(spec) for spec in ROWS if spec.kind == TORCH and spec.name in args.methods
+          ], None
 
 
 def scaling_rows(setup: Setup, args: argparse.Namespace) -> list[tuple[dict, Row]]:
   """Per-example Fisher and per-instance SAM at each (batch size, chunk size) point."""
-  batch_loss, example_loss = loss_functions(setup.module)
+  losses = loss_functions(setup.module)
   points = sorted({(b, args.scaling_fixed_chunk) for b in args.scaling_batch_sizes}
                   | {(args.scaling_fixed_batch, c) for c in args.scaling_chunk_sizes})
   rows = []
@@ -416,14 +521,13 @@ def scaling_rows(setup: Setup, args: argparse.Namespace) -> list[tuple[dict, Row
     batch = jax.tree.map(lambda x, b=batch_size: jnp.asarray(x[:b]), setup.big_batch)
 
     def fisher(params, batch, chunk=chunk):
-      loss_fn = BatchedPerExampleLoss(example_loss, batch_loss, batch)
-      return optax_sam.fisher.empirical_fisher(loss_fn, params, chunk_size=chunk)
+      return optax_sam.fisher.empirical_fisher(losses.loss_fn(batch), params,
+                                               chunk_size=chunk)
 
     tx = optax_sam.per_instance_sam(RHO, chunk_size=chunk)
 
     def per_instance(params, state, batch, tx=tx):
-      loss_fn = BatchedPerExampleLoss(example_loss, batch_loss, batch)
-      return tx.update(params, state, params, loss_fn=loss_fn)
+      return tx.update(params, state, params, loss_fn=losses.loss_fn(batch))
 
     info = {"batch_size": batch_size, "chunk_size": chunk}
     rows.append(({**info, "function": "empirical_fisher"},
@@ -510,221 +614,27 @@ def measure_peak_row(name: str, args: argparse.Namespace) -> None:
 
 def build_rows_json(rows: Sequence[Row], args: argparse.Namespace,
                     peaks: dict[str, Optional[int]]) -> list[dict[str, Any]]:
-  """One record per row, FSAM amortised, ratios to AdamW and to the floor."""
+  """One record per row, in table order, derived rows added, ratios to AdamW and floor."""
   records = {}
   for row in rows:
-    record = {"name": row.name, "description": DESCRIPTIONS.get(row.name, row.name),
+    spec = ROW_BY_NAME.get(row.name)
+    record = {"name": row.name, "description": spec.description if spec else row.name,
               **time_stats(row.times), "compile_s": row.compile_s,
               "compiled_memory_bytes": (row.memory or {}).get("compiled"),
               "memory_analysis": row.memory, "peak_bytes_in_use": peaks.get(row.name)}
     if row.note:
       record["note"] = row.note
     records[row.name] = record
-  if "fsam[normal]" in records and "fsam[refresh]" in records:
-    normal, refresh = records["fsam[normal]"], records["fsam[refresh]"]
-    n = args.fsam_mask_every
-    records["fsam"] = {
-        "name": "fsam", "description": DESCRIPTIONS["fsam"].replace("N", str(n)),
-        "median_s": ((n - 1) * normal["median_s"] + refresh["median_s"]) / n,
-        "derived_from": {"fsam[normal]": n - 1, "fsam[refresh]": 1, "divisor": n},
-        "compiled_memory_bytes": max(normal["compiled_memory_bytes"] or 0,
-                                     refresh["compiled_memory_bytes"] or 0) or None,
-        "peak_bytes_in_use": max([p for p in (normal["peak_bytes_in_use"],
-                                              refresh["peak_bytes_in_use"]) if p],
-                                 default=None)}
-  order = [n for n in (*REFERENCE_ROWS, "sam", "asam", "fsam", "fsam[normal]",
-                       "fsam[refresh]", *LIBRARY_ROWS[3:], *TORCH_ROWS) if n in records]
-  out = [records[n] for n in order]
+  for spec in ROWS:
+    if spec.derive and all(name in records for name in spec.measured_as):
+      records[spec.name] = spec.derive(records, args)
+  out = [records[spec.name] for spec in ROWS if spec.name in records]
   for record in out:
     for reference in ("adamw", "floor"):
       ref = records.get(reference)
       record[f"ratio_to_{reference}"] = (record["median_s"] / ref["median_s"]
                                          if ref else None)
   return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Goal:
-  """``numerator / denominator <= limit`` (ratios of median step times)."""
-  name: str
-  numerator: str
-  denominator: str
-  limit: float
-  cpu_only: bool = False
-
-
-GOALS = (
-    Goal("SAM <= 1.02 x floor", "sam", "floor", 1.02),
-    Goal("FSAM (refresh amortised) <= 1.05 x SAM", "fsam", "sam", 1.05),
-    Goal("GA-SAM <= 1.03 x SAM", "gasam", "sam", 1.03),
-    Goal("delta-SAM <= 1.25 x SAM", "delta-sam", "sam", 1.25),
-    Goal("DPS <= 1.05 x AdamW", "dps", "adamw", 1.05),
-    Goal("Child-Tuning_F <= 1.05 x AdamW", "child-tuning-f", "adamw", 1.05),
-    Goal("Child-Tuning_D <= 1.05 x AdamW", "child-tuning-d", "adamw", 1.05),
-    # Of the library's methods only sam computes what optax.contrib.sam computes.
-    Goal("SAM <= 1.0 x optax.contrib.sam (same computation)", "sam", "optax-contrib-sam",
-         1.0),
-    Goal("SAM no slower than PyTorch eager SAM (CPU)", "sam", "torch-sam", 1.0,
-         cpu_only=True),
-)
-FLAT_LIMIT = 1.10  # largest-batch temp memory / smallest-batch temp memory
-
-
-def evaluate_goals(rows: Sequence[dict[str, Any]], scaling: Sequence[dict[str, Any]],
-                   fixed_chunk: int, backend: str) -> list[dict[str, Any]]:
-  """Each goal with its measured value and ``met`` (``None``: not measured here)."""
-  medians = {r["name"]: r["median_s"] for r in rows}
-  goals = []
-  for goal in GOALS:
-    record = {"goal": goal.name, "limit": goal.limit, "measured": None, "met": None,
-              "from": f"median({goal.numerator}) / median({goal.denominator})"}
-    if goal.cpu_only and backend != "cpu":
-      record["why_not_measured"] = "CPU-only goal"
-    elif goal.numerator in medians and goal.denominator in medians:
-      record["measured"] = medians[goal.numerator] / medians[goal.denominator]
-      record["met"] = bool(record["measured"] <= goal.limit)
-    else:
-      record["why_not_measured"] = "row not measured in this run"
-    goals.append(record)
-  for function, label in (("empirical_fisher", "per-example Fisher"),
-                          ("per_instance_sam", "per_instance_sam")):
-    points = sorted((p for p in scaling if p["function"] == function
-                     and p["chunk_size"] == fixed_chunk), key=lambda p: p["batch_size"])
-    record = {"goal": f"{label} memory flat in batch size at chunk {fixed_chunk}",
-              "limit": FLAT_LIMIT, "measured": None, "met": None,
-              "from": "compiled temp bytes at the largest / smallest batch size"}
-    if len(points) >= 2 and points[0]["memory_analysis"]:
-      small, large = points[0], points[-1]
-      record["measured"] = (large["memory_analysis"]["temp"]
-                            / max(small["memory_analysis"]["temp"], 1))
-      record["met"] = bool(record["measured"] <= FLAT_LIMIT)
-      record["from"] += (f" (batch {large['batch_size']} vs {small['batch_size']}; "
-                         f"the batch grew {large['batch_size'] / small['batch_size']:g}x)")
-    else:
-      record["why_not_measured"] = "fewer than two batch sizes at the fixed chunk size"
-    goals.append(record)
-  return goals
-
-
-def _mb(value: Optional[int]) -> str:
-  if value is None:
-    return "n/a"
-  mib = value / 2**20
-  return f"{mib:,.0f}" if mib >= 100 else f"{mib:.1f}" if mib >= 1 else f"{mib:.3f}"
-
-
-def _ratio(value: Optional[float]) -> str:
-  return "n/a" if value is None else f"{value:.3f}"
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-  meta, rows = result["meta"], result["rows"]
-  header = ["row", "what", "median ms", "IQR ms", "x AdamW", "x floor",
-            "compiled MiB", "peak MiB"]
-  table = common.markdown_table(header, [
-      [f"`{r['name']}`", r["description"], f"{r['median_s'] * 1e3:,.1f}",
-       (f"{r['p25_s'] * 1e3:,.1f}-{r['p75_s'] * 1e3:,.1f}" if "p25_s" in r else "derived"),
-       _ratio(r["ratio_to_adamw"]), _ratio(r["ratio_to_floor"]),
-       _mb(r["compiled_memory_bytes"]), _mb(r["peak_bytes_in_use"])] for r in rows],
-      align="llrrrrrr")
-  goals = common.markdown_table(["goal", "measured", "limit", "status"], [
-      [g["goal"], _ratio(g["measured"]), f"{g['limit']:g}",
-       {True: "met", False: "**missed**", None: "not measured"}[g["met"]]]
-      for g in result["goals"]], align="lrrl")
-  s = meta["settings"]
-  parts = [
-      f"# Step cost: {meta['device_kind']}", "",
-      common.stamp_markdown(meta),
-      f"- model: {meta['model']}",
-      f"- batch {s['batch_size']} x length {s['length']}; {s['rounds']} interleaved rounds "
-      f"x {s['repeats']} steps per row after {s['warmup']} warm-up steps; medians",
-      f"- load average (1, 5, 15 min) before / after: {meta['load_average_before']} / "
-      f"{meta['load_average_after']}; whole run {meta['wall_s']:.0f} s (compiling "
-      f"included)",
-  ]
-  if meta.get("note"):
-    parts.append(f"- note: {meta['note']}")
-  if not meta.get("complete", True):
-    parts.append("- status: written before the scaling study finished")
-  if result["scaling"]:
-    parts.append(f"- scaling study: {s['scaling_rounds']} interleaved rounds x "
-                 f"{s['repeats']} calls per point after {s['warmup']} warm-up calls")
-  parts += ["", table, "", "Notes:", ""]
-  parts += [f"- {n}" for n in result["notes"]]
-  parts += ["", "## Goals", "", goals, ""]
-  if result["scaling"]:
-    parts += ["## Per-example work against chunk size and batch size", "",
-              common.markdown_table(
-                  ["function", "batch", "chunk", "median ms", "ms / example",
-                   "compiled MiB", "temp MiB"],
-                  [[p["function"], p["batch_size"], p["chunk_size"],
-                    f"{p['median_s'] * 1e3:,.1f}",
-                    f"{p['median_s'] * 1e3 / p['batch_size']:,.2f}",
-                    _mb(p["compiled_memory_bytes"]),
-                    _mb((p["memory_analysis"] or {}).get("temp"))]
-                   for p in result["scaling"]], align="lrrrrrr"), ""]
-  return "\n".join(parts)
-
-
-def plot(result: dict[str, Any], folder: pathlib.Path) -> list[pathlib.Path]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  meta, rows = result["meta"], result["rows"]
-  title = f"{meta['device_kind']}: {meta['model'].split(':')[0]}, batch " \
-          f"{meta['settings']['batch_size']} x {meta['settings']['length']}"
-  figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2),
-                                                  sharey=True)
-  names = [r["name"] for r in rows][::-1]
-  medians = [r["median_s"] * 1e3 for r in rows][::-1]
-  colours = ["tab:gray" if n in REFERENCE_ROWS else "tab:orange" if n in TORCH_ROWS
-             else "tab:blue" for n in names]
-  bars = time_axis.barh(names, medians, color=colours)
-  for bar, row in zip(bars, rows[::-1]):
-    if row["ratio_to_adamw"] is not None:
-      time_axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                     f" {row['ratio_to_adamw']:.2f}x", va="center", fontsize=8)
-  time_axis.set(xlabel="median step time (ms); label: x AdamW", title=title)
-  memory = [(r["compiled_memory_bytes"] or 0) / 2**20 for r in rows][::-1]
-  memory_axis.barh(names, memory, color=colours)
-  memory_axis.set(xlabel="compiled memory (MiB): temp + argument + output",
-                  title="memory")
-  figure.tight_layout()
-  paths = [folder / "step_cost.png"]
-  figure.savefig(paths[0], dpi=110)
-  plt.close(figure)
-
-  if result["scaling"]:
-    fixed_chunk = meta["settings"]["scaling_fixed_chunk"]
-    fixed_batch = meta["settings"]["scaling_fixed_batch"]
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for function, marker in (("empirical_fisher", "o"), ("per_instance_sam", "s")):
-      by_batch = sorted((p for p in result["scaling"] if p["function"] == function
-                         and p["chunk_size"] == min(fixed_chunk, p["batch_size"])),
-                        key=lambda p: p["batch_size"])
-      by_chunk = sorted((p for p in result["scaling"] if p["function"] == function
-                         and p["batch_size"] == fixed_batch),
-                        key=lambda p: p["chunk_size"])
-      for axis_row, points, key in ((0, by_batch, "batch_size"), (1, by_chunk, "chunk_size")):
-        xs = [p[key] for p in points]
-        axes[axis_row][0].plot(xs, [p["median_s"] * 1e3 for p in points], marker=marker,
-                               label=function)
-        axes[axis_row][1].plot(xs, [(p["memory_analysis"] or {}).get("temp", 0) / 2**20
-                                    for p in points], marker=marker, label=function)
-    for axis_row, label in ((0, f"batch size (chunk {fixed_chunk})"),
-                            (1, f"chunk size (batch {fixed_batch})")):
-      axes[axis_row][0].set(xlabel=label, ylabel="median time (ms)")
-      axes[axis_row][1].set(xlabel=label, ylabel="compiled temp memory (MiB)")
-      for axis in axes[axis_row]:
-        axis.set_xscale("log", base=2)
-        axis.legend()
-    figure.suptitle(f"{meta['device_kind']}: per-example work")
-    figure.tight_layout()
-    paths.append(folder / "step_cost_scaling.png")
-    figure.savefig(paths[1], dpi=110)
-    plt.close(figure)
-  return paths
 
 
 # ---------------------------------------------------------------------------------------
@@ -814,12 +724,12 @@ def output_folder(args: argparse.Namespace, kind: str) -> pathlib.Path:
 
 
 def _step_row_names(methods: Sequence[str]) -> list[str]:
+  """The JAX rows to compile, in ``methods``' order (a derived row's measured rows)."""
   names = []
   for name in methods:
-    if name == "fsam":
-      names += ["fsam[normal]", "fsam[refresh]"]
-    elif name not in TORCH_ROWS:
-      names.append(name)
+    spec = ROW_BY_NAME[name]
+    if spec.kind != TORCH:
+      names += spec.measured_as or [name]
   return names
 
 
@@ -875,23 +785,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       "apply_updates, jitted; parameters float32, dropout off, full-length sentence "
       "pairs, random labels; the loss is the batched per-example cross-entropy "
       "(per-example paths differentiate one example at a time)")
-  row_notes = {
-      "fsam": f"fsam: amortised from two measured rows, ((N-1) * median(fsam[normal]) + "
-              f"median(fsam[refresh])) / N with N = mask_every = {args.fsam_mask_every}; "
-              "fsam[refresh] is fsam(mask_every=1), whose every step recomputes the "
-              f"per-example Fisher ({min(32, args.batch_size)} examples, chunks of 8) "
-              "and the global top-k",
-      "dps": "dps: a Stage I/II step; the selection step (per-matrix top-k, once per "
-             "cycle of 2 x 5% of the run) is not in the row",
-      "child-tuning-d": "child-tuning-d: a fixed random 30% mask of the encoder's dense "
-                        "kernels; the gradient pass that chooses the mask before "
-                        "training is not in the row",
-      "per-instance-sam": f"per-instance-sam: chunk size {args.per_instance_chunk}",
-      "torch-sam": f"torch rows: torch.set_num_threads({threads}), the number of cores "
-                   "JAX's CPU backend spreads its work over; SAM written with foreach "
-                   "ops (perturb in place, second backward, restore, AdamW step)",
-  }
-  notes += [note for name, note in row_notes.items() if name in args.methods]
+  notes += [spec.note(args, threads) for spec in ROWS
+            if spec.note and spec.name in args.methods]
   notes.append(
       "compiled memory: temp + argument + output bytes of the compiled step "
       "(memory_analysis); arguments include the shared parameters, the row's optimizer "
@@ -904,11 +799,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     meta["load_average_after"] = common.load_average()
     meta["wall_s"] = round(time.perf_counter() - started, 1)
     meta["complete"] = final
-    result["goals"] = evaluate_goals(records, result["scaling"], args.scaling_fixed_chunk,
-                                     backend)
+    result["goals"] = report.evaluate_goals(records, result["scaling"],
+                                            args.scaling_fixed_chunk, backend)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(result)
-    result["files"] = [str(p.name) for p in plot(result, folder)] + [
+    markdown = report.render_markdown(result)
+    result["files"] = [str(p.name) for p in report.plot(result, folder, KINDS)] + [
         "step_cost.json", "step_cost.md"]
     common.write_json(folder / "step_cost.json", result)
     (folder / "step_cost.md").write_text(markdown + "\n", encoding="utf-8")

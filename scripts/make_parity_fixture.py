@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from examples.glue import checkpoint
+from examples.glue import pretrained
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 FIRST = ["The cat sat on the mat.", "A short one.", "Is this a question?",
@@ -45,7 +45,7 @@ def _save_outputs(path: pathlib.Path, model: torch.nn.Module,
 
 
 def minilm() -> None:
-  folder = checkpoint.default_model_dir()
+  folder = pretrained.default_model_dir()
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
   # Encode single sentences and pairs separately, then pad them all to one length.
   inputs = tokenizer.pad([tokenizer(a, b) for a, b in zip(FIRST, SECOND)],

@@ -1,8 +1,10 @@
-"""The sharpness-aware methods compose with the rest of Optax and keep their numerics.
+"""Every method composes with the rest of Optax, compiles once and keeps its numerics.
 
-Every test runs on each method: SAM, ASAM, FSAM with both Fisher estimators and GA-SAM
-with one and three ascent steps. Compiling is most of the cost here, so the jitted
-reference step (``plain_step``) takes ρ as a traced argument and is shared by the tests.
+The generic tests run over the registry of ``tests/harness.py`` (``harness.METHODS``),
+filtered by capability where a test applies to some methods only. Compiling is most of
+the cost here, so the jitted reference step (``plain_step``) takes the method's live
+hyperparameter (ρ, Child-Tuning_F's p_keep) as a traced argument and is shared by the
+tests.
 """
 
 from __future__ import annotations
@@ -19,58 +21,32 @@ import optax_sam
 from optax_sam import perturbations
 from tests import harness
 
-FSAM_STATIC = ("keep_ratio", "mask_every", "fisher_samples", "fisher_chunk_size")
-
-# name -> (factory, fixed keyword arguments, static_args for optax.inject_hyperparams).
-# Structural arguments (sizes, loop lengths, refresh periods) fix shapes or Python
-# control flow, so under inject_hyperparams they have to be static.
-METHODS = {
-    "sam": (optax_sam.sam, {}, ()),
-    "asam": (optax_sam.asam, {"eta": 0.01}, ()),
-    "fsam_per_example": (
-        optax_sam.fsam,
-        dict(keep_ratio=0.5, mask_every=2, fisher="per_example", fisher_samples=6,
-             fisher_chunk_size=4),
-        FSAM_STATIC),
-    "fsam_squared_gradient": (
-        optax_sam.fsam, dict(keep_ratio=0.5, mask_every=2, fisher="squared_gradient"),
-        FSAM_STATIC),
-    "gasam_1": (optax_sam.gasam, dict(ascent_steps=1, beta=0.9), ("ascent_steps",)),
-    "gasam_3": (optax_sam.gasam, dict(ascent_steps=3, beta=0.9), ("ascent_steps",)),
-}
-NAMES = list(METHODS)
+EVERY_METHOD = harness.each_method()
+SCHEDULABLE = harness.each_method(lambda m: m.live is not None)
 LR = 0.1
+BY_ID = {m.id: m for m in harness.METHODS}
 
 
-def method(name, rho):
-  factory, kwargs, _ = METHODS[name]
-  return factory(rho, **kwargs)
-
-
-def injected(name, rho):
-  factory, kwargs, static = METHODS[name]
-  return optax.inject_hyperparams(factory, static_args=static)(rho=rho, **kwargs)
-
-
-def problem():
+def problem(method):
   params, batch = harness.make_problem()
-  return params, batch, harness.per_example_loss_fn(batch)
+  return params, batch, method.loss_fn(batch)
 
 
 @functools.cache
-def plain_step(name):
-  """Jitted ``chain(method(ρ), sgd(LR)).update``. ρ is traced, so one compile serves
-  every radius (a float and the same value as an array give the same step)."""
+def plain_step(method):
+  """Jitted ``chain(method(value), sgd(LR)).update``. The live hyperparameter is traced,
+  so one compile serves every value (a float and the same value as an array give the
+  same step)."""
 
-  def step(rho, grads, state, params, batch):
-    tx = optax.chain(method(name, rho), optax.sgd(LR))
-    return tx.update(grads, state, params, loss_fn=harness.per_example_loss_fn(batch))
+  def step(value, grads, state, params, batch):
+    tx = optax.chain(method.with_live(value), optax.sgd(LR))
+    return tx.update(grads, state, params, loss_fn=method.loss_fn(batch))
 
   return jax.jit(step)
 
 
-def plain_init(name, params):
-  return optax.chain(method(name, 0.05), optax.sgd(LR)).init(params)
+def plain_init(method, params):
+  return optax.chain(method.with_live(0.05), optax.sgd(LR)).init(params)
 
 
 def jit_update(tx, loss_fn):
@@ -95,36 +71,55 @@ def tree_finite(tree):
 
 # --------------------------- optax.inject_hyperparams ---------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_inject_hyperparams_matches_plain_and_rho_is_live(name):
-  params, batch, loss_fn = problem()
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_inject_hyperparams_matches_plain_and_the_hyperparameter_is_live(method):
+  params, batch, loss_fn = problem(method)
   grads = harness.clean_grads(loss_fn, params)
-  tx = optax.chain(injected(name, 0.05), optax.sgd(LR))
+  tx = optax.chain(method.injected(0.05), optax.sgd(LR))
   state = tx.init(params)
-  assert float(state[0].hyperparams["rho"]) == pytest.approx(0.05)
+  if method.live:
+    assert float(state[0].hyperparams[method.live]) == pytest.approx(0.05)
 
-  def plain(rho):
-    return plain_step(name)(rho, grads, plain_init(name, params), params, batch)[0]
+  def plain(value):
+    return plain_step(method)(value, grads, plain_init(method, params), params, batch)[0]
 
   step = jit_update(tx, loss_fn)
   updates, new_state = step(grads, state, params)
   assert_trees_close(updates, plain(0.05))
   assert int(new_state[0].count) == 1  # the wrapper's state advanced
-
-  # Changing the injected rho in the state changes the step, to the plain one at 0.4.
-  state[0].hyperparams["rho"] = jnp.asarray(0.4, jnp.float32)
+  if not method.live:
+    return
+  # Changing the injected value in the state changes the step, to the plain one at 0.4.
+  state[0].hyperparams[method.live] = jnp.asarray(0.4, jnp.float32)
   updates_04, _ = step(grads, state, params)
   assert_trees_close(updates_04, plain(0.4))
   assert_trees_differ(updates_04, updates)
 
 
-# ----------- rho as a schedule; no recompilation; fixed state signature -----------
+# ------------------- one compile, a fixed state signature, schedules -------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_rho_schedule_and_stable_compiled_step(name):
-  params, batch, loss_fn = problem()
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_jit_compiles_once_with_fixed_state_signature(method):
+  """Five whole training steps (clean gradient, method, AdamW, apply_updates): through
+  FSAM's refreshes and a whole DPS cycle (stages of two steps) into the next."""
+  params, batch = harness.make_problem()
+  tx = method.optimizer(optax.adamw(1e-2))
+  traces = []
+  step = harness.jitted_step(tx, method.loss_fn, traces, method.params_transform)
+  state = tx.init(params)
+  signature = harness.signature(state)
+  for _ in range(5):
+    params, state = step(params, state, batch)
+    assert harness.signature(state) == signature
+  assert len(traces) == 1 and step._cache_size() == 1
+  assert tree_finite(params)
+
+
+@pytest.mark.parametrize("method", SCHEDULABLE)
+def test_schedule_gives_the_constant_steps_without_recompiling(method):
+  params, batch, loss_fn = problem(method)
   schedule = optax.linear_schedule(0.02, 0.3, transition_steps=3)
-  tx = optax.chain(method(name, schedule), optax.sgd(LR))
+  tx = optax.chain(method.with_live(schedule), optax.sgd(LR))
   traces = []
 
   @jax.jit
@@ -132,14 +127,14 @@ def test_rho_schedule_and_stable_compiled_step(name):
     traces.append(1)
     return tx.update(grads, state, params, loss_fn=loss_fn)
 
-  const = plain_step(name)
+  const = plain_step(method)
   state = tx.init(params)
   signatures = [harness.signature(state)]
   for k in range(3):
     grads = harness.clean_grads(loss_fn, params)
     updates, new_state = step(grads, state, params)
-    # The constant-rho method, fed the same state, reproduces step k with schedule(k),
-    # and not with the next value.
+    # The constant method, fed the same state, reproduces step k with schedule(k), and
+    # not with the next value.
     expected, expected_state = const(float(schedule(k)), grads, state, params, batch)
     assert_trees_close(updates, expected)
     assert_trees_close(new_state, expected_state)
@@ -154,18 +149,18 @@ def test_rho_schedule_and_stable_compiled_step(name):
 
 # ----------------------------- unknown extra kwargs -----------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_unknown_extra_kwargs_are_ignored(name):
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_unknown_extra_kwargs_are_ignored(method):
   """Alone, and in a chain with adamw (the chain hands every extra argument to each)."""
-  params, batch, loss_fn = problem()
+  params, batch, loss_fn = problem(method)
   grads = harness.clean_grads(loss_fn, params)
   extra = dict(foo=1, dropout_key=jax.random.key(0))
-  tx = method(name, 0.05)
+  tx = method.with_live(0.05)
   descent, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn, **extra)
-  expected, _ = plain_step(name)(0.05, grads, plain_init(name, params), params, batch)
+  expected, _ = plain_step(method)(0.05, grads, plain_init(method, params), params, batch)
   assert_trees_close(jax.tree.map(lambda d: -LR * d, descent), expected)
 
-  chained = optax.chain(method(name, 0.05), optax.adamw(1e-2, weight_decay=0.1))
+  chained = optax.chain(method.with_live(0.05), optax.adamw(1e-2, weight_decay=0.1))
   updates, _ = chained.update(grads, chained.init(params), params, loss_fn=loss_fn, **extra)
   # adamw's first step on the descent gradient d: -lr (d / (|d| + 1e-8) + wd · w).
   adam = harness.numpy_adam_first_step(harness.to_numpy(descent), 1e-2)
@@ -176,10 +171,10 @@ def test_unknown_extra_kwargs_are_ignored(name):
 
 # ---------------------------------- finiteness ----------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_apply_if_finite_rejects_nan_gradient_then_proceeds(name):
-  params, batch, loss_fn = problem()
-  tx = optax.apply_if_finite(optax.chain(method(name, 0.05), optax.sgd(LR)),
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_apply_if_finite_rejects_nan_gradient_then_proceeds(method):
+  params, batch, loss_fn = problem(method)
+  tx = optax.apply_if_finite(optax.chain(method.with_live(0.05), optax.sgd(LR)),
                              max_consecutive_errors=2)
   grads = harness.clean_grads(loss_fn, params)
   nan_grads = {**grads, "kernel": grads["kernel"].at[1, 2].set(jnp.nan)}
@@ -198,20 +193,20 @@ def test_apply_if_finite_rejects_nan_gradient_then_proceeds(name):
   # The finite step proceeds from the untouched inner state: the plain first step.
   assert int(state2.notfinite_count) == 0 and int(state2.total_notfinite) == 1
   assert bool(state2.last_finite)
-  expected, _ = plain_step(name)(0.05, grads, plain_init(name, params), params, batch)
+  expected, _ = plain_step(method)(0.05, grads, plain_init(method, params), params, batch)
   assert_trees_close(updates2, expected)
   assert not all_zero(updates2)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_clean_gradient_stays_nonfinite(name):
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_nonfinite_clean_gradient_stays_nonfinite(method):
   """An infinite clean gradient with a finite loss (a loss-scaling overflow, say) leaves
   the method's output non-finite, so a guard placed after it (around the base optimizer
   only) still rejects the step instead of applying the plain gradient at ``w``."""
-  params, _, loss_fn = problem()
+  params, _, loss_fn = problem(method)
   grads = harness.clean_grads(loss_fn, params)
   bad_grads = {**grads, "bias": grads["bias"].at[0].set(jnp.inf)}
-  tx = method(name, 0.05)
+  tx = method.with_live(0.05)
   descent, _ = tx.update(bad_grads, tx.init(params), params, loss_fn=loss_fn)
   assert not tree_finite(descent)
   descent, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)  # control
@@ -220,23 +215,33 @@ def test_nonfinite_clean_gradient_stays_nonfinite(name):
 
 # --------------------------- zero gradient, bfloat16 ---------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_zero_gradient_gives_finite_step(name):
-  """A zero clean gradient gives ε = 0: a finite step, the plain gradient at ``w``."""
-  params, batch, loss_fn = problem()
-  step = plain_step(name)
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_zero_gradient_gives_finite_step(method):
+  """A zero clean gradient gives a finite step and a usable state.
+
+  For the methods whose ε comes from the clean gradient, ε = 0 and the step is the
+  plain gradient at ``w``; δ-SAM and per-instance SAM do not read its values, so their
+  step is the one the true clean gradient gives; a gradient mask passes zeros.
+  """
+  params, batch, loss_fn = problem(method)
+  step = plain_step(method)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, state = step(0.05, zeros, plain_init(name, params), params, batch)
-  assert tree_finite((updates, state))
-  assert_trees_close(updates, jax.tree.map(lambda g: -LR * g,
-                                           harness.clean_grads(loss_fn, params)),
-                     rtol=1e-6, atol=1e-8)
-  # The state left by a zero gradient is usable: the next, ordinary step is finite and
-  # perturbed (it differs from the plain gradient step).
   grads = harness.clean_grads(loss_fn, params)
+  updates, state = step(0.05, zeros, plain_init(method, params), params, batch)
+  assert tree_finite((updates, state))
+  if not method.sharpness_aware:
+    expected = jax.tree.map(jnp.zeros_like, params)
+  elif method.reads_clean_gradient:
+    expected = jax.tree.map(lambda g: -LR * g, grads)
+  else:
+    expected, _ = step(0.05, grads, plain_init(method, params), params, batch)
+  assert_trees_close(updates, expected, rtol=1e-6, atol=1e-8)
+  # The state left by a zero gradient is usable: the next, ordinary step is finite and
+  # (for the sharpness-aware methods) perturbed: it differs from the plain gradient step.
   updates, state = step(0.05, grads, state, params, batch)
   assert tree_finite((updates, state))
-  assert_trees_differ(updates, jax.tree.map(lambda g: -LR * g, grads), atol=1e-6)
+  if method.sharpness_aware:
+    assert_trees_differ(updates, jax.tree.map(lambda g: -LR * g, grads), atol=1e-6)
 
 
 def _low_precision_ops(jaxpr, found):
@@ -254,13 +259,13 @@ def _low_precision_ops(jaxpr, found):
   return found
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_params(name):
-  params32, batch, loss_fn = problem()
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_bfloat16_params(method):
+  params32, batch, loss_fn = problem(method)
   params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
 
   def run(params, step, steps=2):
-    state = init_state = plain_init(name, params)
+    state = init_state = plain_init(method, params)
     all_updates = []
     for _ in range(steps):
       grads = harness.clean_grads(loss_fn, params)
@@ -269,10 +274,10 @@ def test_bfloat16_params(name):
       params = optax.apply_updates(params, updates)
     return all_updates, init_state, state
 
-  tx = optax.chain(method(name, 0.1), optax.sgd(LR))
+  tx = optax.chain(method.with_live(0.1), optax.sgd(LR))
   eager = functools.partial(tx.update, loss_fn=loss_fn)  # one run, not worth compiling
   updates16, init16, state16 = run(params16, eager)
-  updates32, _, _ = run(params32, lambda g, s, p: plain_step(name)(0.1, g, s, p, batch))
+  updates32, _, _ = run(params32, lambda g, s, p: plain_step(method)(0.1, g, s, p, batch))
   for updates in updates16:
     assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   assert harness.signature(state16) == harness.signature(init16)
@@ -309,7 +314,7 @@ def test_scale_to_radius_bfloat16_matches_float64_rounding():
 def test_nonfinite_epsilon_is_zeroed():
   """A NaN or infinite ε, whole or in one entry, is replaced by zero: the descent
   gradient is then the plain gradient at ``w``."""
-  params, _, loss_fn = problem()
+  params, _, loss_fn = problem(BY_ID["sam"])
   grads = harness.clean_grads(loss_fn, params)
 
   def perturbation(bad, everywhere):
@@ -340,7 +345,8 @@ def test_nonfinite_epsilon_is_zeroed():
 # ---------------------------- user-composed perturbations ----------------------------
 
 def test_composed_perturbation_equals_asam():
-  params, batch, loss_fn = problem()
+  asam, sam = BY_ID["asam"], BY_ID["sam"]
+  params, batch, loss_fn = problem(asam)
   composed = optax.chain(
       optax_sam.sharpness_aware(optax.chain(
           perturbations.scale_by_parameter_magnitude(0.01),
@@ -349,7 +355,7 @@ def test_composed_perturbation_equals_asam():
       optax.sgd(LR))
   grads = harness.clean_grads(loss_fn, params)
   got, _ = jit_update(composed, loss_fn)(grads, composed.init(params), params)
-  asam, _ = plain_step("asam")(0.5, grads, plain_init("asam", params), params, batch)
-  assert_trees_close(got, asam)
-  sam, _ = plain_step("sam")(0.5, grads, plain_init("sam", params), params, batch)
-  assert_trees_differ(got, sam)
+  expected, _ = plain_step(asam)(0.5, grads, plain_init(asam, params), params, batch)
+  assert_trees_close(got, expected)
+  other, _ = plain_step(sam)(0.5, grads, plain_init(sam, params), params, batch)
+  assert_trees_differ(got, other)

@@ -187,50 +187,25 @@ def test_scalar_loss_is_rejected_with_a_per_example_message():
   params, batch = harness.make_problem()
   tx = optax_sam.delta_sam()
   scalar = lambda p: harness.batch_loss_fn(batch)(p).mean()
-  with pytest.raises(ValueError, match="per-example losses"):
+  with pytest.raises(ValueError, match="per-example losses") as raised:
     tx.update(harness.clean_grads(harness.batch_loss_fn(batch), params), tx.init(params),
               params, loss_fn=scalar)
-  with pytest.raises(TypeError, match="loss_fn"):
-    tx.update(params, tx.init(params), params)
+  # The piece that raised names itself; the method adds its name as a note.
+  assert str(raised.value).startswith("reweighted_ascent needs per-example losses")
+  assert "delta_sam" in "".join(raised.value.__notes__)
 
 
-# -------------------------- jit, state, 8 devices ---------------------------------
+# ----------------------------------- the key ------------------------------------
+# (One compile, a fixed state signature and 8 devices: the generic tests of the
+# registry in tests/harness.py.)
 
-def make_step(tx, traces=None):
-  return harness.jitted_step(tx, harness.batch_loss_fn, traces)
-
-
-def test_jit_compiles_once_with_fixed_state_signature():
+def test_the_key_advances_every_step():
   params, batch = harness.make_problem()
-  tx = optax.chain(optax_sam.delta_sam(0.05, seed=SEED), optax.adamw(1e-2))
-  traces = []
-  step = make_step(tx, traces)
-  state = tx.init(params)
-  signature = harness.signature(state)
-  keys = []
-  for _ in range(3):
-    params, state = step(params, state, batch)
-    assert harness.signature(state) == signature
-    keys.append(np.asarray(state[0].perturbation_state.key))
-  assert len(traces) == 1 and step._cache_size() == 1
-  assert not np.array_equal(keys[0], keys[1])  # the key advances every step
-
-
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-def test_sharded_batch_on_eight_devices_matches_one_device(axis_type):
-  assert jax.device_count() >= 8
-  params, batch = harness.make_problem(batch=16)
-  tx = optax.chain(optax_sam.delta_sam(0.5, seed=SEED), optax.adamw(1e-2))
-  step = make_step(tx)
-  expected, expected_state = step(params, tx.init(params), batch)
-  mesh = jax.make_mesh((8,), ("data",),
-                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
-  sharded = jax.device_put(batch, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  replicated = jax.device_put(params, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
-  got, got_state = step(replicated, tx.init(replicated), sharded)
-  assert len(sharded["x"].sharding.device_set) == 8
-  harness.assert_tree_close(got, harness.to_numpy(expected), rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(got_state[0].perturbation_state.key,
-                                expected_state[0].perturbation_state.key)
+  tx = optax_sam.delta_sam(0.05, seed=SEED)
+  update = jitted_updater(tx, harness.batch_loss_fn(batch))
+  state, keys = tx.init(params), []
+  for _ in range(2):
+    _, state = update(params, state)
+    keys.append(np.asarray(state.perturbation_state.key))
+  np.testing.assert_array_equal(keys[0], jax.random.split(jax.random.PRNGKey(SEED))[0])
+  assert not np.array_equal(keys[0], keys[1])

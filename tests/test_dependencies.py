@@ -63,7 +63,7 @@ def test_every_import_is_declared_in_some_extra():
 
 def test_the_library_imports_only_its_core_dependencies():
   core = {_requirement_name(r) for r in PROJECT["dependencies"]}
-  assert core == {"jax", "optax", "chex"}
+  assert core == {"jax", "optax"}
   assert _undeclared(CORE, core) == {}
 
 

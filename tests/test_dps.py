@@ -18,6 +18,8 @@ from tests import harness
 SHAPES = {"encoder": {"layer_0": {"dense": {"kernel": (3, 4), "bias": (4,)}},
                       "pooler": {"kernel": (4, 2)}},
           "classifier": {"kernel": (2, 3), "bias": (3,)}}
+# The papers' BERT scope: the encoder's dense kernels (the classifier is left out).
+PAPER = subnetworks.encoder_dense_kernels
 IN_SCOPE = ("encoder/layer_0/dense/kernel", "encoder/pooler/kernel")
 
 
@@ -77,7 +79,7 @@ def test_two_cycles_match_the_numpy_schedule(exclude_ratio):
   total_steps, update_ratio = 20, 0.1  # us = int(0.1 * 20) = 2: cycles of 4 steps
   gradients = gradient_sequence(10)
   expected = numpy_dps(gradients, 2, exclude_ratio, IN_SCOPE)
-  tx = optax_sam.dps(total_steps, update_ratio, exclude_ratio)
+  tx = optax_sam.dps(total_steps, update_ratio, exclude_ratio, scope=PAPER)
   params = tree_of(jnp.zeros)
   step = jax.jit(tx.update)
   state = tx.init(params)
@@ -99,7 +101,7 @@ def test_two_cycles_match_the_numpy_schedule(exclude_ratio):
 
 
 def test_state_mask_is_all_true_in_stage_one_and_the_selection_in_stage_two():
-  tx = optax_sam.dps(8, 0.25, 0.5)  # us = 2
+  tx = optax_sam.dps(8, 0.25, 0.5, scope=PAPER)  # us = 2
   params = tree_of(jnp.zeros)
   state = tx.init(params)
   for t, grads in enumerate(gradient_sequence(6)):
@@ -135,8 +137,8 @@ def test_exclude_ratio_zero_is_the_base_optimizer():
 def test_gradient_mask_does_not_freeze_but_dps_frozen_does():
   gradients = gradient_sequence(4)
   make = lambda: optax.adamw(0.1, weight_decay=0.1)
-  unfrozen = optax.chain(optax_sam.dps(8, 0.25, 0.5), make())
-  frozen = optax_sam.dps_frozen(make(), 8, 0.25, 0.5)
+  unfrozen = optax.chain(optax_sam.dps(8, 0.25, 0.5, scope=PAPER), make())
+  frozen = optax_sam.dps_frozen(make(), 8, 0.25, 0.5, scope=PAPER)
   params = tree_of(lambda s: jnp.ones(s))
   s_unfrozen, s_frozen = unfrozen.init(params), frozen.init(params)
   for t, grads in enumerate(gradients):
@@ -178,7 +180,7 @@ def test_nan_in_an_unselected_entry_still_reaches_a_finiteness_guard():
 
 # ------------------------------------- scope -------------------------------------
 
-def test_default_scope_is_encoder_and_pooler_kernels():
+def test_paper_scope_is_encoder_and_pooler_kernels():
   params = {"bert": {"embeddings": {"word_embeddings": {"embedding": jnp.ones((5, 4))}},
                      "encoder": {"layer": {"0": {
                          "attention": {"self": {"query": {"kernel": jnp.ones((4, 4)),
@@ -210,10 +212,36 @@ def test_scope_can_be_overridden(as_pytree):
                                 grads["encoder"]["pooler"]["kernel"])
 
 
-def test_empty_scope_is_an_error():
-  params, _ = harness.make_problem()  # top-level "kernel"/"bias": no encoder
-  with pytest.raises(ValueError, match="scope selects no parameter"):
-    optax_sam.dps(100).init(params)
+def test_default_scope_is_every_matrix():
+  params = tree_of(jnp.zeros)
+  chosen = [p for p, x in _flatten(params) if subnetworks.all_matrices(p, x)]
+  assert sorted(chosen) == ["classifier/kernel", *IN_SCOPE]
+  # dps masks the classifier too by default: its state holds a mask for it.
+  state = optax_sam.dps(8, 0.25, 0.5).init(params)
+  assert not isinstance(state.inner_state.mask["classifier"]["kernel"], optax.MaskedNode)
+  assert isinstance(state.inner_state.mask["classifier"]["bias"], optax.MaskedNode)
+
+
+def test_default_scope_counts_embeddings():
+  params = {"embeddings": {"word": {"embedding": jnp.ones((5, 4))}},
+            "dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+            "LayerNorm": {"scale": jnp.ones(4)}}
+  chosen = sorted(p for p, x in _flatten(params) if subnetworks.all_matrices(p, x))
+  assert chosen == ["dense/kernel", "embeddings/word/embedding"]
+
+
+VECTORS = {"bias": jnp.ones(2), "scale": jnp.ones(3)}
+
+
+@pytest.mark.parametrize("build, name, params", [
+    (lambda: optax_sam.dps(100), "dps", VECTORS),
+    (lambda: optax_sam.dps_frozen(optax.sgd(0.1), 100), "dps_frozen", VECTORS),
+    # Matrices, but none under an encoder.
+    (lambda: optax_sam.dps(100, scope=PAPER), "dps", harness.make_problem()[0]),
+], ids=["default", "dps_frozen", "paper"])
+def test_empty_scope_is_an_error_naming_the_method(build, name, params):
+  with pytest.raises(ValueError, match=f"^{name}: scope selects no parameter"):
+    build().init(params)
 
 
 # ------------------------------------ errors ------------------------------------
@@ -277,18 +305,3 @@ def test_fsam_then_dps_then_adamw_equals_the_pieces_run_by_hand():
     if t >= 2:  # Stage II: DPS masked half of the SAM gradient before AdamW
       assert not np.asarray(state[1].inner_state.mask["encoder"]["dense"]["kernel"]).all()
   assert step._cache_size() == 1
-
-
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-def test_sam_then_dps_on_eight_devices_matches_one_device(axis_type):
-  params, batch, example_loss = _toy_encoder_problem(batch_size=16)
-  tx = optax.chain(optax_sam.sam(0.1), optax_sam.dps(8, 0.25, 0.5), optax.adamw(1e-2))
-  traces = []
-  batch_loss_fn = lambda rows: (lambda p: jax.vmap(example_loss, in_axes=(None, 0))(p, rows))
-  step = harness.jitted_step(tx, batch_loss_fn, traces)
-  expected = harness.run_steps(step, tx, params, batch, steps=4)
-  sharded, replicated = harness.data_parallel(batch, axis_type)
-  got = harness.run_steps(step, tx, params, sharded, steps=4, sharding=replicated)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               got, expected)
-  assert len(traces) == 2  # once per input sharding, never again across steps

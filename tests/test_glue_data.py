@@ -7,9 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from examples.glue import checkpoint
 from examples.glue import data
 from examples.glue import metrics
+from examples.glue import pretrained
 
 GLUE_DIR = pathlib.Path(os.environ.get(
     "GLUE_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "glue"))
@@ -19,7 +19,7 @@ needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(),
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return checkpoint.load_tokenizer(checkpoint.default_model_dir())
+  return pretrained.load_tokenizer(pretrained.default_model_dir())
 
 
 # First dev row of each task family, read by eye from the files.

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 
 import optax_sam
-from examples.glue import checkpoint
 from examples.glue import methods
 from examples.glue import model as model_lib
+from examples.glue import pretrained as pretrained_lib
 from examples.glue import train
 from tests.test_glue_train import TINY_BERT
 from tests.test_glue_train import _final_params
@@ -27,7 +27,7 @@ def _mask_rows(opt_state, path):
 
 
 def test_train_step_mixes_the_weights_inside_the_loss_only():
-  config = checkpoint.encoder_config(dict(TINY_BERT, vocab_size=100))
+  config = pretrained_lib.encoder_config(dict(TINY_BERT, vocab_size=100))
   model = model_lib.SequenceClassifier(config, 2)
   rng = np.random.default_rng(0)
   batch = {"input_ids": rng.integers(1, 100, (4, 16), dtype=np.int32),
@@ -84,7 +84,7 @@ def test_dev_evaluation_and_the_exported_model_use_the_raw_weights(tiny_model, t
   exported = _final_params(tmp_path)
 
   # The checkpointed state: the raw weights and the optimizer state that mixes them.
-  pretrained = checkpoint.load_pretrained(tiny_model, 2, seed=0)
+  pretrained = pretrained_lib.load_pretrained(tiny_model, 2, seed=0)
   context = methods.MethodContext(total_steps=2, seed=0, params=None, loss_fn_for=None,
                                   train_batches=None, num_train_batches=0)
   tx = methods.build_optimizer(methods.METHODS["mixout"], {"p": 0.5}, context,

@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +14,11 @@ import optax
 import pytest
 
 import optax_sam
-from examples.glue import checkpoint
 from examples.glue import methods
 from examples.glue import model as model_lib
+from examples.glue import pretrained
 from examples.glue import train
+from tests import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "glue"))
@@ -36,13 +36,13 @@ TINY_BERT = {
 def tiny_model(tmp_path_factory) -> pathlib.Path:
   """A random 1-layer BERT with the MiniLM vocabulary, as a Hugging Face folder."""
   folder = tmp_path_factory.mktemp("tiny_bert")
-  config = checkpoint.encoder_config(TINY_BERT)
+  config = pretrained.encoder_config(TINY_BERT)
   module = model_lib.SequenceClassifier(config, 2)
   ids = np.zeros((1, 4), np.int32)
   params = module.init(jax.random.key(0), ids, ids, ids)["params"]
   del params["classifier"]  # Like a pre-trained encoder: the head starts fresh.
-  checkpoint.save_pretrained(folder, params, TINY_BERT)
-  checkpoint.load_tokenizer(checkpoint.default_model_dir()).save_pretrained(str(folder))
+  pretrained.save_pretrained(folder, params, TINY_BERT)
+  pretrained.load_tokenizer(pretrained.default_model_dir()).save_pretrained(str(folder))
   return folder
 
 
@@ -60,7 +60,7 @@ def _run(model, output_dir, *flags, task="wnli"):
 
 
 def _final_params(output_dir, num_labels=2):
-  return checkpoint.load_pretrained(output_dir / "model", num_labels).params
+  return pretrained.load_pretrained(output_dir / "model", num_labels).params
 
 
 def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
@@ -76,6 +76,43 @@ def test_every_registered_flag_is_a_keyword_of_the_library_constructor():
         m.constructor == name for m in methods.METHODS.values())
 
 
+def test_subnetwork_methods_keep_the_papers_scope(monkeypatch):
+  """The library's default scope is every matrix; the example passes the papers' BERT
+  scope, which on this model is the encoder's and pooler's kernels."""
+  scopes = {}
+
+  def recorder(constructor):
+    def record(*args, scope, **kwargs):
+      del args, kwargs
+      scopes[constructor] = scope
+      return optax.identity()
+    return record
+
+  constructors = ("dps", "dps_frozen", "dps_mix", "mixout", "child_tuning_f",
+                  "child_tuning_d_mask")
+  for constructor in constructors:
+    monkeypatch.setattr(optax_sam, constructor, recorder(constructor))
+  monkeypatch.setattr(optax_sam, "child_tuning_d", lambda mask: optax.identity())
+  context = methods.MethodContext(total_steps=100, seed=0, params=None,
+                                  loss_fn_for=None, train_batches=lambda: [],
+                                  num_train_batches=0)
+  for name in ("dps", "dps-frozen", "dps-mix", "mixout", "child-tuning-f",
+               "child-tuning-d"):
+    methods.METHODS[name].build({}, context, optax.identity())
+  assert scopes == dict.fromkeys(constructors, methods.PAPER_SCOPE)
+
+  ids = np.zeros((1, 4), np.int32)
+  shapes = jax.eval_shape(model_lib.SequenceClassifier(pretrained.encoder_config(TINY_BERT),
+                                                       2).init,
+                          jax.random.key(0), ids, ids, ids)["params"]
+  chosen = {"/".join(k.key for k in path) for path, x in
+            jax.tree_util.tree_flatten_with_path(shapes)[0]
+            if methods.PAPER_SCOPE("/".join(k.key for k in path), x)}
+  assert chosen == {"pooler/kernel", *(f"encoder/layer_0/{name}/kernel" for name in (
+      "attention/query", "attention/key", "attention/value", "attention/output",
+      "intermediate", "output"))}
+
+
 def test_only_flags_that_were_given_reach_the_constructor():
   args = train.parse_args(["--task", "rte", "--method", "fsam", "--rho", "0.01",
                            "--keep-ratio", "0.2", "--fisher", "squared_gradient"])
@@ -86,7 +123,7 @@ def test_only_flags_that_were_given_reach_the_constructor():
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
-  config = checkpoint.encoder_config(TINY_BERT)
+  config = pretrained.encoder_config(TINY_BERT)
   module = model_lib.SequenceClassifier(config, 2)
   ids = np.zeros((1, 4), np.int32)
   shapes = jax.eval_shape(module.init, jax.random.key(0), ids, ids, ids)["params"]
@@ -111,7 +148,7 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
   assert [name for name, method in methods.METHODS.items()
           if not method.reads_clean_gradient] == ["delta-sam"]
   # A small vocabulary, so that the passes and not AdamW's elementwise work dominate.
-  config = checkpoint.encoder_config(dict(TINY_BERT, vocab_size=1000))
+  config = pretrained.encoder_config(dict(TINY_BERT, vocab_size=1000))
   model = model_lib.SequenceClassifier(config, 2)
   rng = np.random.default_rng(0)
   batch = {"input_ids": rng.integers(1, 1000, (4, 32), dtype=np.int32),
@@ -130,8 +167,8 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
   (with_clean, loss), (without_clean, loss_without) = (
       steps[clean](state, batch) for clean in (True, False))
   assert float(loss) == float(loss_without)
-  chex.assert_trees_all_close(with_clean.params, without_clean.params, rtol=1e-6,
-                              atol=1e-7)
+  harness.assert_trees_close(with_clean.params, without_clean.params, rtol=1e-6,
+                             atol=1e-7)
   flops = {clean: steps[clean].lower(state, batch).compile().cost_analysis()["flops"]
            for clean in (True, False)}
   # One backward pass less (for this model about 7% of a δ-SAM step: XLA shares the
@@ -153,7 +190,7 @@ def test_every_method_trains_a_few_jitted_steps(method, tiny_model, tmp_path):
   assert set(final[0]["metrics"]) == ({"pearson", "spearman"} if task == "stsb"
                                       else {"accuracy"})
   num_labels = 1 if task == "stsb" else 2
-  before = checkpoint.load_pretrained(tiny_model, num_labels).params
+  before = pretrained.load_pretrained(tiny_model, num_labels).params
   after = _final_params(tmp_path, num_labels)
   for module in ("encoder", "pooler"):
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before[module], after[module])
@@ -202,9 +239,9 @@ def test_short_run_of_the_embedded_checkpoint(tmp_path):
   assert records[0]["fresh_head_modules"] == ["classifier"]
   assert np.all(np.isfinite([r["loss"] for r in records if r["event"] == "train"]))
   assert 0 <= records[-1]["metrics"]["accuracy"] <= 1
-  tuned = checkpoint.load_pretrained(tmp_path / "model", num_labels=2)
+  tuned = pretrained.load_pretrained(tmp_path / "model", num_labels=2)
   assert tuned.fresh_modules == ()
-  original = checkpoint.load_pretrained(checkpoint.default_model_dir(), num_labels=2)
+  original = pretrained.load_pretrained(pretrained.default_model_dir(), num_labels=2)
   assert not np.array_equal(tuned.params["encoder"]["layer_5"]["output"]["kernel"],
                             original.params["encoder"]["layer_5"]["output"]["kernel"])
 
@@ -228,7 +265,7 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     (["--task", "squad"], "unknown task 'squad'; choose one of cola, sst2, mrpc, stsb, "
                           "qqp, mnli, mnli-mm, qnli, rte, wnli"),
     (["--task", "rte", "--model", "/no/such/model"],
-     "missing checkpoint file /no/such/model/config.json"),
+     "missing model file /no/such/model/config.json"),
     (["--task", "rte", "--method", "sam", "--keep-ratio", "0.1"],
      "--keep-ratio does not apply to --method sam"),
     pytest.param(["--task", "rte", "--method", "fsam", "--keep-ratio", "2", "--model",

@@ -20,6 +20,8 @@ from tests import harness
 SHAPES = {"encoder": {"layer_0": {"dense": {"kernel": (3, 4), "bias": (4,)}},
                       "pooler": {"kernel": (4, 2)}},
           "classifier": {"kernel": (2, 3), "bias": (3,)}}
+# The papers' BERT scope: the encoder's dense kernels (the classifier is left out).
+PAPER = subnetworks.encoder_dense_kernels
 IN_SCOPE = ("encoder/layer_0/dense/kernel", "encoder/pooler/kernel")
 LEARNING_RATE = 0.05
 
@@ -154,7 +156,8 @@ def test_steps_match_the_float64_reference(total_steps, update_ratio, steps, mix
                            exclude_ratio=mixout_p if exclude_ratio is None
                            else exclude_ratio, seed=7)
   tx = optax.chain(optax_sam.dps_mix(total_steps, update_ratio, exclude_ratio=(
-      mixout_p if exclude_ratio is None else exclude_ratio), mixout_p=mixout_p, seed=7),
+      mixout_p if exclude_ratio is None else exclude_ratio), mixout_p=mixout_p, seed=7,
+                                     scope=PAPER),
                    optax.sgd(LEARNING_RATE))
   as_jax = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
   got = run_dps_mix(tx, as_jax(params), as_jax(curvature), [as_jax(b) for b in offsets])
@@ -231,7 +234,7 @@ def test_masks_are_per_input_neuron_fresh_each_step_and_reproducible_from_the_se
   grads = tree_of(jnp.ones)
 
   def masks(seed, steps=4):
-    tx = optax_sam.mixout(p=0.5, seed=seed)
+    tx = optax_sam.mixout(p=0.5, seed=seed, scope=PAPER)
     state, out = tx.init(params), []
     for _ in range(steps):
       out.append({p: _mask_of(state, p) for p in IN_SCOPE})
@@ -253,7 +256,7 @@ def test_masks_are_per_input_neuron_fresh_each_step_and_reproducible_from_the_se
 def test_mixout_targets_the_pretrained_weights_and_leaves_the_rest_alone():
   params, curvature, offsets = quadratic_problem(3)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  tx = optax.chain(optax_sam.mixout(p=0.6, seed=1), optax.sgd(LEARNING_RATE))
+  tx = optax.chain(optax_sam.mixout(p=0.6, seed=1, scope=PAPER), optax.sgd(LEARNING_RATE))
   state, current = tx.init(params), params
   for offset in offsets:
     grads = jax.grad(lambda p: jax_loss(optax_sam.mixout_params(p, state), curvature,
@@ -321,33 +324,9 @@ def test_p_zero_is_the_base_step(make):
     jax.tree.map(np.testing.assert_array_equal, got[0], expected[0])
 
 
-# ------------------------------ jit and state ------------------------------
-
-@pytest.mark.parametrize("make", [lambda: optax_sam.mixout(p=0.4),
-                                  lambda: optax_sam.dps_mix(8, 0.25)],
-                         ids=["mixout", "dps_mix"])
-def test_jit_compiles_once_with_a_fixed_state_signature(make):
-  params, curvature, offsets = quadratic_problem(10)
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  tx = optax.chain(make(), optax.adamw(1e-2))
-  traces = []
-
-  @jax.jit
-  def step(params, state, offset):
-    traces.append(1)
-    grads = jax.grad(lambda p: jax_loss(optax_sam.mixout_params(p, state), curvature,
-                                        offset))(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  signature = harness.signature(state)
-  for offset in offsets:  # crosses Stage I, the selection and the cycle's restart
-    params, state = step(params, state,
-                         jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), offset))
-    assert harness.signature(state) == signature
-  assert len(traces) == 1
-
+# ------------------------------ the state ------------------------------
+# (One compile and a fixed state signature, 8 devices: the generic tests of the registry
+# in tests/harness.py.)
 
 def test_mixout_params_finds_its_state_in_any_optimizer_state():
   params = tree_of(jnp.ones)
@@ -386,9 +365,11 @@ def test_invalid_hyperparameters_raise_naming_the_argument(make, name):
 
 
 def test_empty_scope_and_missing_params_are_errors():
-  params, _ = harness.make_problem()  # top-level "kernel"/"bias": no encoder
-  with pytest.raises(ValueError, match="mixout: scope selects no parameter"):
-    optax_sam.mixout(0.5).init(params)
+  vectors = {"bias": jnp.ones(2), "scale": jnp.ones(3)}  # no matrix
+  with pytest.raises(ValueError, match="^mixout: scope selects no parameter"):
+    optax_sam.mixout(0.5).init(vectors)
+  with pytest.raises(ValueError, match="^dps_mix: scope selects no parameter"):
+    optax_sam.dps_mix(8, 0.25, scope=PAPER).init(harness.make_problem()[0])
   tx = optax_sam.dps_mix(8, 0.25)
   params = tree_of(jnp.ones)
   with pytest.raises(ValueError, match="dps_mix needs the current parameters"):

@@ -1,10 +1,12 @@
 """Data parallelism on the 8 fake CPU devices of conftest.py.
 
 Under ``jax.jit`` with the batch sharded along a "data" axis and replicated parameters,
-the gradients are global, so every method must give exactly the single-device step
-(a global perturbation). Inside ``shard_map`` with ``axis_name``, each device builds its
-own ε from its local gradient ("m-sharpness") and the gradients at the perturbed points
-are averaged; that is checked against a float64 loop over the shards.
+the gradients are global, so every method of the registry (``harness.METHODS``) must
+give exactly the single-device steps (a global perturbation), with explicit and auto
+mesh axes. Inside ``shard_map`` with ``axis_name``, each device builds its own ε from
+its local gradient ("m-sharpness") and the gradients at the perturbed points are
+averaged: that is checked for every sharpness-aware method against the method run on
+each shard alone, and for SAM, ASAM and FSAM against a float64 loop over the shards.
 """
 
 from __future__ import annotations
@@ -27,17 +29,7 @@ DEVICES = 8
 PER_DEVICE = 2
 BATCH = DEVICES * PER_DEVICE
 LR = 0.1
-
-METHODS = {
-    "sam": lambda: optax_sam.sam(0.1),
-    "asam": lambda: optax_sam.asam(0.5, 0.01),
-    "fsam_per_example": lambda: optax_sam.fsam(0.1, keep_ratio=0.5, mask_every=2,
-                                               fisher_samples=16, fisher_chunk_size=8),
-    "fsam_squared_gradient": lambda: optax_sam.fsam(0.1, keep_ratio=0.5, mask_every=2,
-                                                    fisher="squared_gradient"),
-    "gasam_1": lambda: optax_sam.gasam(0.1, beta=0.9),
-    "gasam_3": lambda: optax_sam.gasam(0.1, beta=0.9, ascent_steps=3),
-}
+AXIS_TYPES = ["Explicit", "Auto"]
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
@@ -50,38 +42,52 @@ def mesh():
   return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_sharded_batch_gives_single_device_step(name, mesh):
+def data_parallel_run(tx, make_loss_fn, axis_type, steps=3, params_transform=None):
+  """``steps`` jitted training steps on one device and data-parallel on 8.
+
+  Returns ``(one device, eight devices, traces, the compiled step's HLO text)``: the
+  final (params, state) of each, and how many times the step was traced.
+  """
   params, batch = harness.make_problem(batch=BATCH)
-  tx = optax.chain(METHODS[name](), optax.sgd(LR))
-  # The per-example Fisher estimator is fastest with PerExampleLoss; the rest use the
-  # batched forward pass.
-  make_loss = (harness.per_example_loss_fn if name == "fsam_per_example"
-               else harness.batch_loss_fn)
+  traces = []
+  step = harness.jitted_step(tx, make_loss_fn, traces, params_transform)
+  expected = harness.run_steps(step, tx, params, batch, steps)
+  sharded, replicated = harness.data_parallel(batch, axis_type)
+  assert len(sharded["x"].addressable_shards) == DEVICES
+  assert sharded["x"].addressable_shards[0].data.shape == (PER_DEVICE, harness.FEATURES)
+  got = harness.run_steps(step, tx, params, sharded, steps, sharding=replicated)
+  traced = len(traces)
+  params_r, state_r = jax.device_put((params, tx.init(params)), replicated)
+  hlo = step.lower(params_r, state_r, sharded).compile().as_text()
+  return expected, got, traced, hlo
 
-  def two_steps(params, batch):
-    state = tx.init(params)
-    for _ in range(2):
-      loss_fn = make_loss(batch)
-      updates, state = tx.update(harness.clean_grads(loss_fn, params), state, params,
-                                 loss_fn=loss_fn)
-      params = optax.apply_updates(params, updates)
-    return params, state
 
-  step = jax.jit(two_steps)
-  expected = step(params, batch)
-
-  replicated = NamedSharding(mesh, P())
-  sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-  assert len(sharded_batch["x"].addressable_shards) == DEVICES
-  assert sharded_batch["x"].addressable_shards[0].data.shape == (PER_DEVICE, 5)
-  params_r = jax.device_put(params, replicated)
-  got = step(params_r, sharded_batch)
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("method", harness.each_method())
+def test_sharded_batch_gives_single_device_steps(method, axis_type):
+  """Batch over a "data" axis, replicated parameters: the gradients are global, so
+  every method gives the single-device steps (a global perturbation)."""
+  tx = method.optimizer(optax.adamw(1e-2))
+  expected, got, traced, hlo = data_parallel_run(tx, method.loss_fn, axis_type,
+                                                 params_transform=method.params_transform)
   # It really ran data-parallel: the compiled step reduces across devices.
-  hlo = step.lower(params_r, sharded_batch).compile().as_text()
   assert "all-reduce" in hlo
   assert got[0]["kernel"].sharding.is_fully_replicated
+  scale = method.reorder_tolerance
+  assert_trees_close(got, expected, rtol=1e-5 * scale, atol=1e-6 * scale)
+  assert traced == 2  # once per input sharding, never again across steps
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_methods_chained_on_eight_devices(axis_type):
+  """Gradient masks after a sharpness-aware method, as the README composes them."""
+  mask = jax.tree.map(lambda p: p > 0, harness.make_problem()[0])
+  tx = optax.chain(optax_sam.sam(0.1), optax_sam.dps(**harness.DPS),
+                   optax_sam.child_tuning_f(0.5), optax_sam.child_tuning_d(mask),
+                   optax.adamw(1e-2))
+  expected, got, traced, _ = data_parallel_run(tx, harness.batch_loss_fn, axis_type)
   assert_trees_close(got, expected)
+  assert traced == 2
 
 
 # ------------------------------- m-sharpness -------------------------------
@@ -155,6 +161,19 @@ def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh)
   harness.assert_tree_close(got_global, global_descent, rtol=1e-5, atol=1e-6)
 
 
+def per_device_descent(tx, make_loss_fn, params, batch, mesh):
+  """``tx``'s first update inside ``shard_map`` (variance checks on), from each device's
+  local clean gradient; the (averaged, replicated) descent gradient."""
+
+  def local_descent(params, local_batch):
+    loss_fn = make_loss_fn(local_batch)
+    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
+    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
+
+  return jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
+                           out_specs=P(), check_vma=True))(params, batch)
+
+
 @pytest.mark.parametrize("factory", [
     lambda axis: optax_sam.fsam(0.3, 1.0, fisher="squared_gradient", axis_name=axis),
     lambda axis: optax_sam.fsam(0.3, 1.0, fisher_chunk_size=2, axis_name=axis),
@@ -162,14 +181,27 @@ def test_per_device_perturbation_in_shard_map(factory, perturb, check_vma, mesh)
 def test_per_device_fisher_mask_under_variance_checks(factory, mesh):
   """The Fisher top-k runs on device-varying scores; keep_ratio = 1 is per-device SAM."""
   params, batch = harness.make_problem(batch=BATCH)
-  tx = factory("data")
-
-  def local_descent(params, local_batch):
-    loss_fn = harness.batch_loss_fn(local_batch)
-    grads = harness.clean_grads(loss_fn, jax.lax.pcast(params, "data", to="varying"))
-    return tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
-
-  descent = jax.jit(shard_map(local_descent, mesh=mesh, in_specs=(P(), P("data")),
-                              out_specs=P(), check_vma=True))(params, batch)
+  descent = per_device_descent(factory("data"), harness.batch_loss_fn, params, batch, mesh)
   expected = numpy_msharpness_descent(params, batch, numpy_sam_eps(0.3))
   harness.assert_tree_close(descent, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", harness.each_method(lambda m: m.sharpness_aware))
+def test_axis_name_in_shard_map_is_each_shard_alone_then_averaged(method, mesh):
+  """Every sharpness-aware method with ``axis_name``: each device's step is the method
+  run on its shard alone (its own ε, its own state), and the results are averaged."""
+  params, batch = harness.make_problem(batch=BATCH)
+  descent = per_device_descent(method.with_live(0.3, axis_name="data"), method.loss_fn,
+                               params, batch, mesh)
+  alone = method.with_live(0.3)
+
+  @jax.jit
+  def shard_descent(shard):
+    loss_fn = method.loss_fn(shard)
+    grads = harness.clean_grads(loss_fn, params)
+    return alone.update(grads, alone.init(params), params, loss_fn=loss_fn)[0]
+
+  shards = [jax.tree.map(lambda x: x[d * PER_DEVICE:(d + 1) * PER_DEVICE], batch)
+            for d in range(DEVICES)]
+  expected = jax.tree.map(lambda *x: sum(x) / DEVICES, *map(shard_descent, shards))
+  assert_trees_close(descent, expected)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import pack
-from examples.glue import checkpoint
+from examples.glue import pretrained
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", FIXTURES.parents[2] / "shared" / "glue"))
@@ -32,8 +32,8 @@ def test_pack_round_trip(tmp_path):
   # The weights are half the size and load back to float32 within bfloat16's rounding.
   weights = manifest["files"]["model/model.safetensors"]["bytes"]
   assert weights < 0.6 * (model_dir / "model.safetensors").stat().st_size
-  original = checkpoint.load_pretrained(model_dir, num_labels=2)
-  packed = checkpoint.load_pretrained(tmp_path / "pack" / "model", num_labels=2)
+  original = pretrained.load_pretrained(model_dir, num_labels=2)
+  packed = pretrained.load_pretrained(tmp_path / "pack" / "model", num_labels=2)
   assert packed.hf_config == original.hf_config
   for a, b in zip(jax.tree.leaves(original.params), jax.tree.leaves(packed.params)):
     assert b.dtype == np.float32

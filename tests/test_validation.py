@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import jax
@@ -52,13 +53,10 @@ def _problem():
   return params, loss_fn, harness.clean_grads(loss_fn, params)
 
 
-@pytest.mark.parametrize("tx", [
-    optax_sam.sam(0.05), optax_sam.asam(0.5),
-    optax_sam.fsam(0.05, fisher="squared_gradient"), optax_sam.fsam(0.05),
-    optax_sam.gasam(0.05), optax_sam.gasam(0.05, ascent_steps=2),
-], ids=["sam", "asam", "fsam_sq", "fsam_pe", "gasam", "gasam_3"])
-def test_missing_loss_fn_raises_type_error_saying_what_to_pass(tx):
+@pytest.mark.parametrize("method", harness.each_method(lambda m: m.sharpness_aware))
+def test_missing_loss_fn_raises_type_error_saying_what_to_pass(method):
   params, _, grads = _problem()
+  tx = method.transform()
   state = tx.init(params)
   with pytest.raises(TypeError, match="loss_fn="):
     jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state, params)
@@ -139,5 +137,78 @@ def test_structural_arguments_under_inject_hyperparams_say_use_static_args():
 
 
 def test_keep_ratio_schedule_is_rejected():
-  with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+  with pytest.raises(ValueError, match="keep_ratio must be a number, not a schedule"):
     optax_sam.fsam(keep_ratio=optax.constant_schedule(0.5))
+
+
+# -------------- schedules: accepted where documented, refused elsewhere --------------
+
+def _schedule_cases():
+  """(constructor, float argument, accepts a schedule) for every float hyperparameter of
+  every registry constructor and of the perturbation pieces."""
+  pieces = [
+      (perturbations.scale_to_radius, ("rho",)),
+      (perturbations.scale_by_parameter_magnitude, ()),
+      (perturbations.fisher_mask, ()),
+      (perturbations.gradient_strength_ellipsoid, ("rho",)),
+      (perturbations.reweighted_ascent, ("rho", "eta")),
+  ]
+  constructors = {m.factory: (m, m.schedules) for m in harness.METHODS}
+  cases = []
+  for factory, (method, schedules) in constructors.items():
+    for name in method.float_hyperparameters():
+      cases.append(pytest.param(factory, dict(method.kwargs), method.wraps_base, name,
+                                name in schedules, id=f"{method.id}-{name}"))
+  for factory, schedules in pieces:
+    signature = inspect.signature(factory).parameters.items()
+    for name in (n for n, p in signature if isinstance(p.default, float)):
+      cases.append(pytest.param(factory, {}, False, name, name in schedules,
+                                id=f"{factory.__name__}-{name}"))
+  return cases
+
+
+@pytest.mark.parametrize("factory, kwargs, wraps_base, name, accepted", _schedule_cases())
+def test_a_schedule_is_accepted_where_documented_and_refused_at_construction_elsewhere(
+    factory, kwargs, wraps_base, name, accepted):
+  default = inspect.signature(factory).parameters[name].default
+  kwargs = {**kwargs, name: optax.constant_schedule(default)}
+  base = (optax.identity(),) if wraps_base else ()
+  if accepted:
+    factory(*base, **kwargs)
+  else:
+    with pytest.raises(ValueError, match=rf"^{name} .*not a schedule"):
+      factory(*base, **kwargs)
+
+
+# ---------------- errors name the perturbation piece that raised them ----------------
+
+@pytest.mark.parametrize("piece, loss, expected", [
+    (lambda: perturbations.reweighted_ascent(0.1), "scalar",
+     "reweighted_ascent needs per-example losses"),
+    (lambda: optax.chain(perturbations.scale_to_radius(0.1),
+                         perturbations.fisher_mask(0.5)), "scalar",
+     "fisher_mask with fisher='per_example' needs per-example losses"),
+    (lambda: perturbations.gradient_strength_ellipsoid(0.1, ascent_steps=2), None,
+     "gradient_strength_ellipsoid with ascent_steps > 1 needs the loss"),
+    (lambda: perturbations.reweighted_ascent(0.1), None,
+     "reweighted_ascent needs the loss"),
+], ids=["reweighting", "fisher_mask", "gradient_strength", "reweighting_no_loss"])
+def test_a_composed_perturbation_names_its_piece_and_no_method(piece, loss, expected):
+  params, loss_fn, grads = _problem()
+  scalar_loss = lambda p: loss_fn(p).mean()
+  piece = optax.with_extra_args_support(piece())
+  extra = {} if loss is None else {"loss_fn": scalar_loss}
+  with pytest.raises((TypeError, ValueError), match=re.escape(expected)) as raised:
+    jax.eval_shape(lambda g, s, p: piece.update(g, s, p, **extra), grads,
+                   piece.init(params), params)
+  for method in ("delta_sam", "fsam", "gasam"):
+    assert method not in str(raised.value)
+  if loss is None:
+    return
+  # Through the mechanism the message is the same, and a note names the method.
+  tx = optax_sam.sharpness_aware(piece, method="my_method")
+  with pytest.raises(ValueError, match=re.escape(expected)) as raised:
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p, **extra), grads, tx.init(params),
+                   params)
+  assert "(raised while my_method computed its perturbation ε)" in raised.value.__notes__
+

@@ -4,7 +4,9 @@ Every method is placed before the base optimizer (gradient clipping and AdamW), 
 papers do: ``optax.chain(method, clip_by_global_norm, adamw)``. A method is offered only
 when the installed ``optax_sam`` has its constructor, so methods added to the library
 appear here by adding one row to ``_ALL_METHODS``. Hyperparameter flags left unset keep
-the library's defaults.
+the library's defaults, except one: the subnetwork methods (DPS, DPS-Mix, Mixout,
+Child-Tuning) get the papers' BERT scope, the encoder's dense kernels (``PAPER_SCOPE``),
+where the library's default scope is every matrix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import optax
 import tqdm
 
 import optax_sam
+
+# DPS's, Mixout's and Child-Tuning's scope in their papers: the weight matrices of the
+# encoder's dense layers (embeddings, LayerNorms, biases and the classifier update
+# densely).
+PAPER_SCOPE = optax_sam.subnetworks.encoder_dense_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +122,17 @@ class Method:
   params_transform: Optional[Callable[[Any, Any], Any]] = None
 
 
-def _before_base(constructor: str, *context_keywords: str) -> Builder:
-  """A builder for ``optax.chain(optax_sam.<constructor>(...), base)``."""
+def _before_base(constructor: str, *context_keywords: str, **fixed: Any) -> Builder:
+  """A builder for ``optax.chain(optax_sam.<constructor>(...), base)``.
+
+  ``context_keywords`` name ``MethodContext`` fields passed on; ``fixed`` are passed as
+  they are.
+  """
 
   def build(hyperparameters, context, base):
     extra = {keyword: getattr(context, keyword) for keyword in context_keywords}
-    return optax.chain(getattr(optax_sam, constructor)(**hyperparameters, **extra), base)
+    return optax.chain(
+        getattr(optax_sam, constructor)(**hyperparameters, **extra, **fixed), base)
 
   return build
 
@@ -129,18 +141,13 @@ def _child_tuning_d(hyperparameters, context, base):
   batches = tqdm.tqdm(context.train_batches(), total=context.num_train_batches,
                       desc="child_tuning_d_mask", unit="batch", disable=None)
   mask = optax_sam.child_tuning_d_mask(context.loss_fn_for, context.params, batches,
-                                       **hyperparameters)
+                                       **hyperparameters, scope=PAPER_SCOPE)
   return optax.chain(optax_sam.child_tuning_d(mask), base)
 
 
 def _dps_frozen(hyperparameters, context, base):
-  return optax_sam.dps_frozen(base, total_steps=context.total_steps, **hyperparameters)
-
-
-def _in_scope(build: Builder, scope: Callable[[str, Any], bool]) -> Builder:
-  """``build`` with the method's ``scope`` (the parameters it masks or mixes) fixed."""
-  return lambda hyperparameters, context, base: build(
-      {**hyperparameters, "scope": scope}, context, base)
+  return optax_sam.dps_frozen(base, total_steps=context.total_steps, **hyperparameters,
+                              scope=PAPER_SCOPE)
 
 
 def _mixout_params(params: Any, opt_state: Any) -> Any:
@@ -167,18 +174,16 @@ _ALL_METHODS = (
            _before_base("delta_sam", "seed"), reads_clean_gradient=False),
     Method("per-instance-sam", "per_instance_sam", {**_RHO, "chunk_size": "chunk_size"},
            _before_base("per_instance_sam")),
-    Method("dps", "dps", _DPS, _before_base("dps", "total_steps")),
+    Method("dps", "dps", _DPS, _before_base("dps", "total_steps", scope=PAPER_SCOPE)),
     Method("dps-frozen", "dps_frozen", _DPS, _dps_frozen),
     Method("dps-mix", "dps_mix", {**_DPS, "mixout_p": "mixout_p"},
-           _in_scope(_before_base("dps_mix", "total_steps", "seed"),
-                     optax_sam.subnetworks.encoder_dense_kernels),
+           _before_base("dps_mix", "total_steps", "seed", scope=PAPER_SCOPE),
            params_transform=_mixout_params),
     Method("mixout", "mixout", {"mixout_p": "p"},
-           _in_scope(_before_base("mixout", "seed"),
-                     optax_sam.subnetworks.encoder_dense_kernels),
+           _before_base("mixout", "seed", scope=PAPER_SCOPE),
            params_transform=_mixout_params),
     Method("child-tuning-f", "child_tuning_f", {"p_keep": "p_keep"},
-           _before_base("child_tuning_f", "seed")),
+           _before_base("child_tuning_f", "seed", scope=PAPER_SCOPE)),
     Method("child-tuning-d", "child_tuning_d_mask", {"keep_ratio": "keep_ratio"},
            _child_tuning_d),
 )

@@ -10,7 +10,7 @@ written to ``<output-dir>/model`` as a Hugging Face folder. The batch is sharded
 local devices (data parallelism); parameters are replicated.
 
 Exit status: 0 on success (also after ``--stop-after-epoch``); 2 for bad usage or input
-(unknown task or method, malformed data file, missing checkpoint file), with one line
+(unknown task or method, malformed data file, missing model file), with one line
 ``error: ...`` on stderr; anything else is a bug and prints a traceback.
 """
 
@@ -35,11 +35,11 @@ import optax
 import tqdm
 
 import optax_sam
-from examples.glue import checkpoint
 from examples.glue import data
 from examples.glue import methods
 from examples.glue import metrics
 from examples.glue import model as model_lib
+from examples.glue import pretrained
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -321,7 +321,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
     The final dev metrics, or ``None`` when stopped by ``--stop-after-epoch``.
 
   Raises:
-    UsageError, data.DataError, checkpoint.CheckpointError: bad usage or input.
+    UsageError, data.DataError, pretrained.PretrainedModelError: bad usage or input.
   """
   started = time.time()
   task = data.get_task(args.task)
@@ -335,11 +335,11 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                             or f"runs/{task.name}-{method.name}-{args.seed}")
 
   # Model and data.
-  model_dir = args.model or checkpoint.default_model_dir()
-  pretrained = checkpoint.load_pretrained(model_dir, task.num_labels, args.seed,
-                                          args.dropout)
-  tokenizer = checkpoint.load_tokenizer(model_dir)
-  config = pretrained.config
+  model_dir = args.model or pretrained.default_model_dir()
+  initial = pretrained.load_pretrained(model_dir, task.num_labels, args.seed,
+                                       args.dropout)
+  tokenizer = pretrained.load_tokenizer(model_dir)
+  config = initial.config
   positions = config.max_positions - (config.pad_token_id + 1
                                       if config.padding_aware_positions else 0)
   multiple = args.pad_to_multiple_of
@@ -362,19 +362,19 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
 
   # Optimizer and state.
   context = methods.MethodContext(
-      total_steps=total_steps, seed=args.seed, params=pretrained.params,
+      total_steps=total_steps, seed=args.seed, params=initial.params,
       loss_fn_for=deterministic_loss_fn_for(model, task.is_regression),
       train_batches=lambda: epoch_batches(epoch=0), num_train_batches=steps_per_epoch)
   try:
     tx = methods.build_optimizer(
         method, hyperparameters, context,
         learning_rate_schedule(args.lr, total_steps, args.warmup_ratio),
-        args.weight_decay, weight_decay_mask(pretrained.params),
+        args.weight_decay, weight_decay_mask(initial.params),
         args.max_grad_norm or None, args.adam_beta2)
   except ValueError as error:
     raise UsageError(f"--method {method.name}: {error}") from None
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=pretrained.params,
-                     opt_state=tx.init(pretrained.params),
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=initial.params,
+                     opt_state=tx.init(initial.params),
                      dropout_key=jax.random.PRNGKey(args.seed))
 
   # Output folder: resume or start afresh.
@@ -394,7 +394,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
     append_log(log_path, {"event": "start", "task": task.name, "method": method.name,
                           "hyperparameters": hyperparameters, "devices": len(devices),
                           "train_examples": len(train_set), "total_steps": total_steps,
-                          "fresh_head_modules": list(pretrained.fresh_modules)})
+                          "fresh_head_modules": list(initial.fresh_modules)})
 
   # Data parallelism: the batch is split along "data", the state is replicated.
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -450,7 +450,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
 
   if dev_metrics is None:  # Resumed a finished run.
     dev_metrics = evaluate_dev()
-  checkpoint.save_pretrained(output_dir / "model", state.params, pretrained.hf_config,
+  pretrained.save_pretrained(output_dir / "model", state.params, initial.hf_config,
                              task.labels)
   tokenizer.save_pretrained(str(output_dir / "model"))
   elapsed = time.time() - started
@@ -466,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   try:
     train(args)
-  except (UsageError, data.DataError, checkpoint.CheckpointError) as error:
+  except (UsageError, data.DataError, pretrained.PretrainedModelError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0

@@ -29,17 +29,26 @@ _CALLING_CONVENTION = (
 class PerExampleLoss:
   """A ``loss_fn`` built from a single-example loss, with fast per-example gradients.
 
-  Calling it maps ``example_loss`` over the leading axis of ``batch`` with ``jax.vmap``
-  and returns the per-example losses, so it satisfies the ``loss_fn`` convention. Methods
-  that need per-example gradients (the per-example Fisher of ``fsam``,
-  ``per_instance_sam``) recognise it and differentiate each example on its own, which
-  costs one backward pass per example rather than one backward pass of the whole batch
-  per example.
+  Calling it returns the per-example losses of ``batch``, so it satisfies the
+  ``loss_fn`` convention: by mapping ``example_loss`` over the leading axis with
+  ``jax.vmap``, or with one call of ``batch_loss`` when given. Methods that need
+  per-example gradients (the per-example Fisher of ``fsam``, ``per_instance_sam``)
+  recognise it and differentiate each example on its own through ``example_loss``,
+  which costs one backward pass per example rather than one backward pass of the whole
+  batch per example.
 
   Args:
     example_loss: ``(params, example) -> scalar``; ``example`` is one row of ``batch``.
       Put a per-example dropout key in ``batch`` if the model needs one.
     batch: a pytree whose leaves share a leading batch axis.
+    batch_loss: optional ``(params, batch) -> [batch]`` per-example losses from one
+      batched call, used for the whole-batch passes (the clean gradient, the gradient
+      at ``w + ε``) instead of the ``vmap`` of ``example_loss``. Give it when the model
+      already has a batched loss whose program differs from the ``vmap`` (a fused or
+      sharded attention kernel, sharding annotations on the batch axis): the
+      whole-batch passes then run that program, and only the per-example passes use
+      ``example_loss``. It must return what the ``vmap`` of ``example_loss`` returns;
+      nothing checks that.
 
   Example:
     >>> import jax.numpy as jnp, optax_sam
@@ -47,19 +56,26 @@ class PerExampleLoss:
     >>> loss = lambda p, ex: (ex["x"] @ p - ex["y"]) ** 2
     >>> optax_sam.PerExampleLoss(loss, batch)(jnp.ones(3)).shape
     (4,)
+    >>> batched = lambda p, b: (b["x"] @ p - b["y"]) ** 2  # the same losses, one call
+    >>> optax_sam.PerExampleLoss(loss, batch, batch_loss=batched)(jnp.ones(3)).shape
+    (4,)
   """
 
-  def __init__(self, example_loss: Callable[[Any, Any], jax.Array], batch: Any):
+  def __init__(self, example_loss: Callable[[Any, Any], jax.Array], batch: Any, *,
+               batch_loss: Optional[Callable[[Any, Any], jax.Array]] = None):
     sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
       raise ValueError(
           f"PerExampleLoss: every leaf of batch needs the same leading (batch) axis, "
           f"got sizes {sorted(sizes)}.")
     self.example_loss = example_loss
+    self.batch_loss = batch_loss
     self.batch = jax.tree.map(jnp.asarray, batch)  # NumPy rows cannot be picked by a tracer
     self.batch_size = sizes.pop()
 
   def __call__(self, params: Any) -> jax.Array:
+    if self.batch_loss is not None:
+      return self.batch_loss(params, self.batch)
     return jax.vmap(self.example_loss, in_axes=(None, 0))(params, self.batch)
 
   def example(self, index: jax.Array) -> Any:
@@ -108,7 +124,18 @@ def batch_mean(losses: jax.Array, example_mask: Optional[jax.Array] = None) -> j
   if example_mask is None:
     return jnp.mean(losses)
   weights = jnp.asarray(example_mask, jnp.float32)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return jnp.sum(losses * weights) / example_count(example_mask, losses.shape[0])
+
+
+def example_count(example_mask: Optional[jax.Array], batch_size: int) -> jax.Array:
+  """What a (masked) batch mean divides by, in float32.
+
+  ``batch_size`` without a mask; with ``example_mask`` (1 real, 0 padding) the number of
+  real rows, at least 1, so that an all-padding batch gives 0 rather than NaN.
+  """
+  if example_mask is None:
+    return jnp.asarray(batch_size, jnp.float32)
+  return jnp.maximum(jnp.sum(jnp.asarray(example_mask, jnp.float32)), 1.0)
 
 
 def mean_loss_gradient(loss_fn: LossFn, params: Any,

@@ -53,8 +53,11 @@ def nan_unless_finite(tree: Any, reference: Any) -> Any:
 
 
 def varying_axes(x: Any) -> frozenset:
-  """The ``shard_map`` mesh axes over which ``x`` varies (empty outside ``shard_map``)."""
-  aval = jax.typeof(x)
+  """The ``shard_map`` mesh axes over which ``x`` varies (empty outside ``shard_map``).
+
+  ``x`` is an array or a ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``.
+  """
+  aval = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
   if manual is not None:
     return frozenset(manual.varying)
@@ -130,11 +133,23 @@ def check_range(
     high: float | None = None,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
+    schedule: bool = False,
 ) -> None:
   """Raises ``ValueError`` naming ``name`` and the allowed range if ``value`` is outside.
 
-  Schedules and traced values pass through unchecked (see ``is_concrete_number``).
+  Args:
+    name: the argument's name, for the message.
+    value: a number, an array (``optax.inject_hyperparams`` passes arrays, traced under
+      ``jax.jit``: those are checked only where they are used), or a schedule.
+    low, high, low_inclusive, high_inclusive: the allowed interval.
+    schedule: whether ``value`` may be an optax schedule (a callable of the step count,
+      evaluated with :func:`value_at`). Where it may not, a callable raises here, at
+      construction, rather than failing later inside a traced update.
   """
+  if callable(value) and not schedule:
+    raise ValueError(
+        f"{name} takes a number, not a schedule: got {value!r}. Pass a constant (under "
+        f"optax.inject_hyperparams it may still change between steps).")
   if not is_concrete_number(value):
     return
   v = float(value)
@@ -151,16 +166,33 @@ def check_range(
     raise ValueError(f"{name} must be in {interval}, got {value!r}.")
 
 
+def check_static_number(name: str, value: Any, fixes: str) -> None:
+  """Raises ``ValueError`` unless ``value`` is a concrete number (no schedule, no tracer).
+
+  For float arguments that fix a shape or a Python-level length: ``fixes`` says which,
+  for the message (e.g. ``"the stage length"``).
+  """
+  if not is_concrete_number(value):
+    raise ValueError(f"{name} must be a number, not a schedule or a traced value: it "
+                     f"fixes {fixes}; got {value!r}.{_static_args_hint(name, value)}")
+
+
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
   """Raises ``ValueError`` unless ``value`` is an integer >= ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    hint = ""
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-      # optax.inject_hyperparams turns every numeric argument into an array.
-      hint = (f" It fixes shapes or loop lengths, so it cannot be an array or a traced "
-              f"value; with optax.inject_hyperparams, list it in "
-              f"static_args=({name!r},).")
+    hint = _static_args_hint(name, value)
+    if hint:
+      hint = (" It fixes shapes or loop lengths, so it cannot be an array or a traced "
+              "value." + hint)
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.{hint}")
+
+
+def _static_args_hint(name: str, value: Any) -> str:
+  """For an array argument: how to keep it a Python number under inject_hyperparams."""
+  if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+    return ""
+  # optax.inject_hyperparams turns every numeric argument into an array.
+  return f" With optax.inject_hyperparams, list it in static_args=({name!r},)."
 
 
 def check_seed(seed: Any) -> None:

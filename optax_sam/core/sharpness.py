@@ -44,12 +44,15 @@ def sharpness_aware(
       it, and the gradient at ``w + ε`` is averaged over ``axis_name``. Under
       ``shard_map`` (which tracks device variance) take the local clean gradient with
       respect to ``jax.lax.pcast(params, axis_name, to="varying")``: the gradient with
-      respect to replicated parameters is already summed over devices. The
+      respect to replicated parameters is already summed over devices. The perturbation
+      gets ``params`` marked device-varying the same way, so the gradients it takes
+      itself (a per-example Fisher, δ-SAM's reweighted pass) are local too. The
       perturbation's state (a Fisher mask, a strength average) is then per device too;
       give it ``out_specs`` that keep it per device. Leave ``None`` for the usual global
       perturbation (also under ``jax.jit`` with a sharded batch, where the gradients are
       already global).
-    method: the name used in error messages.
+    method: the name used in error messages, and added as a note to errors the
+      perturbation raises (which name the piece that raised).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` and the
@@ -82,21 +85,50 @@ def sharpness_aware(
   ) -> tuple[optax.Updates, SharpnessAwareState]:
     loss_fn = loss_lib.require_loss_fn(loss_fn, method)
     params = loss_lib.require_params(params, method)
-    epsilon, perturbation_state = perturbation.update(
-        updates, state.perturbation_state, params,
-        loss_fn=loss_fn, example_mask=example_mask, **extra_args)
+    if axis_name is not None:
+      # Gradients of this device's loss with respect to replicated parameters would be
+      # summed over the devices (shard_map's variance tracking): the perturbation's
+      # own gradients (a per-example Fisher, δ-SAM's reweighted pass, GA-SAM's extra
+      # ascent steps) and the descent gradient must stay local.
+      params = numerics.device_varying(params, axis_name)
+    try:
+      epsilon, perturbation_state = perturbation.update(
+          updates, state.perturbation_state, params,
+          loss_fn=loss_fn, example_mask=example_mask, **extra_args)
+    except (TypeError, ValueError) as error:
+      # The perturbation's pieces name themselves; say which method they served.
+      error.add_note(f"(raised while {method} computed its perturbation ε)")
+      raise
     epsilon = numerics.zero_if_not_finite(epsilon)
     perturbed = jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, epsilon)
-    if axis_name is not None:
-      perturbed = numerics.device_varying(perturbed, axis_name)
     descent = loss_lib.mean_loss_gradient(loss_fn, perturbed, example_mask)
-    # The gradient at w + ε does not read the clean gradient, so a non-finite clean
-    # gradient would otherwise vanish here; keep it visible to a later finiteness guard
-    # (before the pmean, so that every device sees it).
-    descent = numerics.nan_unless_finite(descent, updates)
-    if axis_name is not None:
-      descent = jax.lax.pmean(descent, axis_name)
-    descent = numerics.tree_cast_like(descent, updates)
+    descent = finish_descent(descent, updates, axis_name=axis_name)
     return descent, SharpnessAwareState(perturbation_state=perturbation_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def finish_descent(descent: Any, clean: Any, *, axis_name: Optional[str] = None) -> Any:
+  """The end of every sharpness-aware update: guard, average over devices, cast.
+
+  Shared by :func:`sharpness_aware` and :func:`optax_sam.per_instance_sam`, the two
+  places that compute a descent gradient at perturbed points.
+
+  Args:
+    descent: the (masked) batch-mean gradient at the perturbed point(s), on this device.
+    clean: the incoming clean gradient. Its values are not used, except that a
+      non-finite one makes the result NaN: the descent gradient does not read it, so
+      a non-finite clean gradient (a loss-scaling overflow, say) would otherwise vanish
+      here instead of reaching a later finiteness guard such as
+      ``optax.apply_if_finite``. The guard runs before the average, so that every
+      device sees it.
+    axis_name: the ``shard_map``/``pmap`` axis to average over, for per-device
+      perturbations; ``None`` for none.
+
+  Returns:
+    ``descent``, averaged over ``axis_name``, in the dtypes of ``clean``.
+  """
+  descent = numerics.nan_unless_finite(descent, clean)
+  if axis_name is not None:
+    descent = jax.lax.pmean(descent, axis_name)
+  return numerics.tree_cast_like(descent, clean)

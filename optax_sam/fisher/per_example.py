@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam.core import loss as loss_lib
+from optax_sam.core import numerics
 
 ExampleLoss = Callable[[Any], jax.Array]  # params -> scalar loss of one example
 PerExampleFn = Callable[[ExampleLoss, Any], Any]  # (example loss, params) -> pytree
@@ -107,6 +108,8 @@ def sum_over_examples(
     return jax.tree.map(lambda t, v: t + jnp.sum(v, axis=0), total, values), None
 
   shapes = jax.eval_shape(one_example, indices[0, 0], weights[0, 0])
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+  # Inside shard_map the sums vary over the devices the examples do; so must the carry.
+  zeros = jax.tree.map(
+      lambda s: numerics.match_varying(jnp.zeros(s.shape, jnp.float32), s), shapes)
   total, _ = jax.lax.scan(one_chunk, zeros, (indices, weights))
   return total

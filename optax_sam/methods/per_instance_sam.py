@@ -10,6 +10,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import sharpness
 from optax_sam.fisher import per_example
 
 
@@ -22,6 +23,7 @@ def per_instance_sam(
     *,
     chunk_size: Optional[int] = None,
     eps: float = numerics.NORM_EPS,
+    axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Exact per-instance SAM: the (masked) mean of ``∇l_i(w + ε_i)``, ``ε_i`` per example.
 
@@ -44,11 +46,20 @@ def per_instance_sam(
   ``optax.apply_if_finite``), as in :func:`optax_sam.sharpness_aware`. Extra state: a
   step count.
 
+  Many devices: under ``jax.jit`` with the batch sharded, nothing changes. Inside
+  ``shard_map``, pass ``axis_name``: each device then handles its own examples and the
+  device means are averaged. Per-device ("m-sharpness") perturbations mean nothing new
+  here, since every example already has its own; the result is the global step
+  whenever the devices hold equally many real examples (with uneven padding, it is the
+  mean of the devices' masked means, as for the other methods' ``axis_name``).
+
   Args:
     rho: radius ``ρ >= 0`` of each example's perturbation (constant or schedule).
     chunk_size: examples per ``vmap`` chunk, ``>= 1``; ``None`` for the whole batch at
       once (fastest, memory linear in the batch).
     eps: ``δ > 0`` added to each per-example gradient norm (float32).
+    axis_name: the ``shard_map``/``pmap`` axis of a training step that runs per device;
+      ``loss_fn`` then holds this device's examples. See above.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` and a
@@ -71,7 +82,7 @@ def per_instance_sam(
     >>> grads = jax.grad(lambda p: loss_fn(p).mean())(params)
     >>> updates, state = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
   """
-  numerics.check_range("rho", rho, low=0.0)
+  numerics.check_range("rho", rho, low=0.0, schedule=True)
   numerics.check_range("eps", eps, low=0.0, low_inclusive=False)
   if chunk_size is not None:
     numerics.check_positive_int("chunk_size", chunk_size)
@@ -88,6 +99,9 @@ def per_instance_sam(
     params = loss_lib.require_params(params, method)
     batch_size = per_example.batch_size_of(loss_fn, params, method)
     radius = numerics.value_at(rho, state.count)
+    if axis_name is not None:
+      # Per-example gradients of this device's examples, not summed over the devices.
+      params = numerics.device_varying(params, axis_name)
 
     def perturbed_gradient(example_loss, p: Any) -> Any:
       gradient = jax.grad(example_loss)(p)
@@ -99,12 +113,9 @@ def per_instance_sam(
     total = per_example.sum_over_examples(
         perturbed_gradient, loss_fn, params, chunk_size=chunk_size,
         example_mask=example_mask, method=method)
-    count = (jnp.asarray(batch_size, jnp.float32) if example_mask is None
-             else jnp.maximum(jnp.sum(jnp.asarray(example_mask, jnp.float32)), 1.0))
-    descent = jax.tree.map(lambda t, u: (t / count).astype(u.dtype), total, updates)
-    # Nothing here reads the clean gradient's values; keep a non-finite one (a
-    # loss-scaling overflow, say) visible to a later finiteness guard, as SAM does.
-    descent = numerics.nan_unless_finite(descent, updates)
+    count = loss_lib.example_count(example_mask, batch_size)
+    descent = jax.tree.map(lambda t: t / count, total)
+    descent = sharpness.finish_descent(descent, updates, axis_name=axis_name)
     return descent, PerInstanceSAMState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

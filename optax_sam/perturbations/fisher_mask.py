@@ -74,12 +74,7 @@ def fisher_mask(
     >>> piece.update(g, piece.init(params), params)[0]["kernel"]
     Array([ 0., -3.,  0.,  2.], dtype=float32)
   """
-  if not numerics.is_concrete_number(keep_ratio):
-    # It sets how many entries the mask keeps, a static size.
-    raise ValueError(
-        f"keep_ratio must be a number in (0, 1], not a schedule or a traced value, got "
-        f"{keep_ratio!r}; with optax.inject_hyperparams, list it in "
-        f"static_args=('keep_ratio',).")
+  numerics.check_static_number("keep_ratio", keep_ratio, "how many entries the mask keeps")
   numerics.check_range("keep_ratio", keep_ratio, low=0.0, high=1.0, low_inclusive=False)
   numerics.check_positive_int("mask_every", mask_every)
   numerics.check_positive_int("fisher_samples", fisher_samples)
@@ -101,8 +96,9 @@ def fisher_mask(
     del extra_args
     params = loss_lib.require_params(params, "fisher_mask")
     if fisher == "per_example":
-      loss_fn = loss_lib.require_loss_fn(loss_fn, "fsam with fisher='per_example'")
-      per_example.batch_size_of(loss_fn, params, "fsam with fisher='per_example'")
+      piece = "fisher_mask with fisher='per_example'"
+      loss_fn = loss_lib.require_loss_fn(loss_fn, piece)
+      per_example.batch_size_of(loss_fn, params, piece)
 
     def refreshed_mask():
       if fisher == "per_example":

@@ -111,7 +111,7 @@ def gradient_strength_ellipsoid(
     >>> g = jnp.array([3.0, 4.0])
     >>> eps, _ = piece.update(g, piece.init(g), g)
   """
-  numerics.check_range("rho", rho, low=0.0)
+  numerics.check_range("rho", rho, low=0.0, schedule=True)
   numerics.check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
   numerics.check_range("max_scale", max_scale, low=0.0, low_inclusive=False)
   numerics.check_positive_int("ascent_steps", ascent_steps)
@@ -131,8 +131,9 @@ def gradient_strength_ellipsoid(
     axes = relative_strength(strength, max_scale)
     epsilon = _ellipsoid_ascent(updates, axes, radius, eps)
     if ascent_steps > 1:
-      loss_fn = loss_lib.require_loss_fn(loss_fn, "gasam with ascent_steps > 1")
-      params = loss_lib.require_params(params, "gasam with ascent_steps > 1")
+      piece = "gradient_strength_ellipsoid with ascent_steps > 1"
+      loss_fn = loss_lib.require_loss_fn(loss_fn, piece)
+      params = loss_lib.require_params(params, piece)
 
       def ascend(_, epsilon):
         perturbed = jax.tree.map(lambda w, e: w + e.astype(w.dtype), params, epsilon)

@@ -41,7 +41,7 @@ def scale_to_radius(
     >>> tx.update(u, tx.init(u))[0]
     Array([0.3, 0.4], dtype=float32)
   """
-  numerics.check_range("rho", rho, low=0.0)
+  numerics.check_range("rho", rho, low=0.0, schedule=True)
   numerics.check_range("eps", eps, low=0.0, low_inclusive=False)
 
   def init_fn(params: optax.Params) -> ScaleToRadiusState:

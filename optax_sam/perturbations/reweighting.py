@@ -111,8 +111,8 @@ def reweighted_ascent(
     >>> bool(jnp.isclose(jnp.linalg.norm(eps), 0.1))
     True
   """
-  numerics.check_range("rho", rho, low=0.0)
-  numerics.check_range("eta", eta, low=0.0, low_inclusive=False)
+  numerics.check_range("rho", rho, low=0.0, schedule=True)
+  numerics.check_range("eta", eta, low=0.0, low_inclusive=False, schedule=True)
   numerics.check_range("eps", eps, low=0.0, low_inclusive=False)
   numerics.check_seed(seed)
 
@@ -124,14 +124,14 @@ def reweighted_ascent(
   def update_fn(updates, state, params=None, *, loss_fn=None, example_mask=None,
                 **extra_args):
     del extra_args
-    method = "delta_sam"
-    loss_fn = loss_lib.require_loss_fn(loss_fn, method)
-    params = loss_lib.require_params(params, method)
+    piece = "reweighted_ascent"
+    loss_fn = loss_lib.require_loss_fn(loss_fn, piece)
+    params = loss_lib.require_params(params, piece)
     radius = numerics.value_at(rho, state.count)
     key, direction_key = jax.random.split(state.key)
 
     loss_at_w, weighted_vjp = jax.vjp(
-        lambda p: loss_lib.per_example_losses(loss_fn, p, method), params)
+        lambda p: loss_lib.per_example_losses(loss_fn, p, piece), params)
     direction = random_direction(direction_key, params, radius)
 
     def losses_at(sign):

@@ -20,4 +20,5 @@ from optax_sam.subnetworks.mixout import input_neuron_masks
 from optax_sam.subnetworks.mixout import input_neuron_shape
 from optax_sam.subnetworks.mixout import mixout
 from optax_sam.subnetworks.mixout import mixout_params
+from optax_sam.subnetworks.scope import all_matrices
 from optax_sam.subnetworks.scope import encoder_dense_kernels

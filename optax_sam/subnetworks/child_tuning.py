@@ -76,8 +76,10 @@ def child_tuning_f(
       a constant or a schedule.
     seed: seed of the masks.
     scope: the masked parameters (predicate on paths or pytree of bools). Default
-      :func:`optax_sam.subnetworks.encoder_dense_kernels`. The authors' code masks every
-      parameter its optimizer holds; pass ``scope=lambda path, leaf: True`` for that.
+      :func:`optax_sam.subnetworks.all_matrices`: every parameter with at least two
+      axes, embedding tables included. The paper's BERT setting is
+      ``scope=optax_sam.subnetworks.encoder_dense_kernels``; the authors' code masks
+      every parameter its optimizer holds (``scope=lambda path, leaf: True``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra arguments are ignored); its state
@@ -93,7 +95,8 @@ def child_tuning_f(
     >>> tx = optax.chain(optax_sam.child_tuning_f(p_keep=0.5), optax.adamw(1e-3))
     >>> updates, state = tx.update(params, tx.init(params), params)
   """
-  numerics.check_range("p_keep", p_keep, low=0.0, high=1.0, low_inclusive=False)
+  numerics.check_range("p_keep", p_keep, low=0.0, high=1.0, low_inclusive=False,
+                       schedule=True)
   numerics.check_seed(seed)
   return optax.masked(_child_tuning_f_all_leaves(p_keep, seed),
                       scope_lib.resolve_scope(scope, "child_tuning_f"))
@@ -179,9 +182,11 @@ def child_tuning_d_mask(
     keep_ratio: fraction in ``(0, 1]`` of the in-scope entries to keep (the paper's
       ``p_D``; 0.3).
     scope: the parameters that compete (predicate on paths or pytree of bools). Default
-      :func:`optax_sam.subnetworks.encoder_dense_kernels`. The authors' code pools every
-      parameter whose name contains ``layer`` (LayerNorms and biases of the encoder
-      layers too).
+      :func:`optax_sam.subnetworks.all_matrices`: every parameter with at least two
+      axes, embedding tables included. The paper's BERT setting is
+      ``scope=optax_sam.subnetworks.encoder_dense_kernels``; the authors' code pools
+      every parameter whose name contains ``layer`` (LayerNorms and biases of the
+      encoder layers too).
 
   Returns:
     A pytree of bool arrays shaped like ``params``, for :func:`child_tuning_d`.
@@ -196,9 +201,8 @@ def child_tuning_d_mask(
     Array([[False, False],
            [ True,  True]], dtype=bool)
   """
+  numerics.check_static_number("keep_ratio", keep_ratio, "the number of kept entries")
   numerics.check_range("keep_ratio", keep_ratio, low=0.0, high=1.0, low_inclusive=False)
-  if not numerics.is_concrete_number(keep_ratio):
-    raise ValueError(f"keep_ratio must be a number, got {keep_ratio!r}.")
   in_scope = scope_lib.resolve_scope(scope, "child_tuning_d_mask")(params)
 
   def pooled(tree):

