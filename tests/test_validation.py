@@ -17,9 +17,9 @@ from tests import harness
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: optax_sam.sam(rho=-1.0), "rho must be in [0.0, inf]"),
-    (lambda: optax_sam.sam(rho=0.05, eps=0.0), "eps must be in (0.0, inf]"),
-    (lambda: optax_sam.asam(rho=0.5, eta=-1.0), "eta must be in [0.0, inf]"),
+    (lambda: optax_sam.sam(rho=-1.0), "rho must be in [0.0, inf)"),
+    (lambda: optax_sam.sam(rho=0.05, eps=0.0), "eps must be in (0.0, inf)"),
+    (lambda: optax_sam.asam(rho=0.5, eta=-1.0), "eta must be in [0.0, inf)"),
     (lambda: optax_sam.fsam(keep_ratio=0.0), "keep_ratio must be in (0.0, 1.0]"),
     (lambda: optax_sam.fsam(keep_ratio=1.5), "keep_ratio must be in (0.0, 1.0]"),
     (lambda: optax_sam.fsam(mask_every=0), "mask_every must be an integer >= 1"),
@@ -30,9 +30,13 @@ from tests import harness
     (lambda: optax_sam.fsam(fisher_chunk_size=0),
      "fisher_chunk_size must be an integer >= 1"),
     (lambda: optax_sam.gasam(beta=1.0), "beta must be in [0.0, 1.0)"),
-    (lambda: optax_sam.gasam(max_scale=0.0), "max_scale must be in (0.0, inf]"),
+    (lambda: optax_sam.gasam(max_scale=0.0), "max_scale must be in (0.0, inf)"),
     (lambda: optax_sam.gasam(ascent_steps=0), "ascent_steps must be an integer >= 1"),
-    (lambda: perturbations.scale_to_radius(float("nan")), "rho must be in [0.0, inf]"),
+    (lambda: perturbations.scale_to_radius(float("nan")), "rho must be in [0.0, inf)"),
+    (lambda: optax_sam.sam(rho=float("inf")), "rho must be in [0.0, inf), got inf"),
+    (lambda: optax_sam.delta_sam(eta=float("inf")), "eta must be in (0.0, inf), got inf"),
+    (lambda: optax_sam.gasam(max_scale=float("inf")), "max_scale must be in (0.0, inf)"),
+    (lambda: optax_sam.dps(100, update_ratio=float("nan")), "update_ratio must be in"),
 ], ids=lambda x: None if callable(x) else x)
 def test_invalid_hyperparameter_raises_value_error(build, message):
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -212,3 +216,47 @@ def test_a_composed_perturbation_names_its_piece_and_no_method(piece, loss, expe
                    params)
   assert "(raised while my_method computed its perturbation ε)" in raised.value.__notes__
 
+
+
+# ----------------------- shapes of loss_fn's output and example_mask -----------------------
+
+SHARPNESS_AWARE = [m for m in harness.METHODS if m.sharpness_aware]
+
+
+@pytest.mark.parametrize("method", SHARPNESS_AWARE, ids=lambda m: m.id)
+def test_a_column_of_losses_with_an_example_mask_is_refused(method):
+  # [batch, 1] losses times a [batch] mask broadcast to [batch, batch]: the gradient
+  # would silently come out several times too large.
+  params, batch = harness.make_problem()
+  column = lambda p: harness.batch_loss_fn(batch)(p)[:, None]
+  if method.per_example:
+    column = optax_sam.PerExampleLoss(
+        lambda p, example: harness.example_loss(p, example)[None], batch)
+  tx = method.transform()
+  grads = harness.clean_grads(harness.batch_loss_fn(batch), params)
+  mask = jnp.ones(harness.BATCH)
+  with pytest.raises(ValueError, match=r"shape \[batch\]|per-example losses"):
+    jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=column, example_mask=mask))(
+        grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("method", SHARPNESS_AWARE, ids=lambda m: m.id)
+def test_an_example_mask_of_the_wrong_length_is_refused(method):
+  params, batch = harness.make_problem()
+  tx = method.transform()
+  loss_fn = method.loss_fn(batch)
+  grads = harness.clean_grads(loss_fn, params)
+  short = jnp.ones(harness.BATCH - 1)
+  with pytest.raises(ValueError, match=re.escape(
+      f"example_mask has shape ({harness.BATCH - 1},), but loss_fn's batch has "
+      f"{harness.BATCH} examples: pass one entry per example, shape ({harness.BATCH},)")):
+    jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn, example_mask=short))(
+        grads, tx.init(params), params)
+
+
+def test_batch_mean_says_what_shape_it_expected():
+  with pytest.raises(ValueError, match=re.escape(
+      "loss_fn returned losses of shape (4, 1) together with an example_mask of shape "
+      "(4,): return one loss per example, shape [batch]")):
+    optax_sam.batch_mean(jnp.ones((4, 1)), jnp.ones(4))
+  assert float(optax_sam.batch_mean(jnp.arange(4.0), jnp.array([1, 1, 0, 0]))) == 0.5

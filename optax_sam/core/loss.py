@@ -123,6 +123,14 @@ def batch_mean(losses: jax.Array, example_mask: Optional[jax.Array] = None) -> j
     return losses
   if example_mask is None:
     return jnp.mean(losses)
+  if losses.ndim != 1:
+    # A [batch, 1] loss times a [batch] mask would broadcast to [batch, batch].
+    raise ValueError(
+        f"loss_fn returned losses of shape {losses.shape} together with an example_mask "
+        f"of shape {jnp.shape(example_mask)}: return one loss per example, shape "
+        f"[batch] (squeeze the trailing axis), so that each is weighted by its row of "
+        f"the mask.")
+  check_example_mask(example_mask, losses.shape[0])
   weights = jnp.asarray(example_mask, jnp.float32)
   return jnp.sum(losses * weights) / example_count(example_mask, losses.shape[0])
 
@@ -135,7 +143,18 @@ def example_count(example_mask: Optional[jax.Array], batch_size: int) -> jax.Arr
   """
   if example_mask is None:
     return jnp.asarray(batch_size, jnp.float32)
+  check_example_mask(example_mask, batch_size)
   return jnp.maximum(jnp.sum(jnp.asarray(example_mask, jnp.float32)), 1.0)
+
+
+def check_example_mask(example_mask: Optional[jax.Array], batch_size: int) -> None:
+  """Raises ``ValueError`` unless ``example_mask`` is ``None`` or has shape
+  ``[batch_size]`` (checked while tracing: shapes are static)."""
+  if example_mask is not None and jnp.shape(example_mask) != (batch_size,):
+    raise ValueError(
+        f"example_mask has shape {jnp.shape(example_mask)}, but loss_fn's batch has "
+        f"{batch_size} examples: pass one entry per example, shape ({batch_size},), 1 "
+        f"for a real row and 0 for padding.")
 
 
 def mean_loss_gradient(loss_fn: LossFn, params: Any,

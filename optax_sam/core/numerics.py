@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Union
 
 import jax
@@ -135,7 +136,8 @@ def check_range(
     high_inclusive: bool = True,
     schedule: bool = False,
 ) -> None:
-  """Raises ``ValueError`` naming ``name`` and the allowed range if ``value`` is outside.
+  """Raises ``ValueError`` naming ``name`` and the allowed range if ``value`` is outside
+  it or not finite.
 
   Args:
     name: the argument's name, for the message.
@@ -153,7 +155,7 @@ def check_range(
   if not is_concrete_number(value):
     return
   v = float(value)
-  ok = v == v  # rejects NaN
+  ok = math.isfinite(v)  # no hyperparameter means anything at NaN or infinity
   if low is not None:
     ok = ok and (v >= low if low_inclusive else v > low)
   if high is not None:
@@ -161,8 +163,8 @@ def check_range(
   if not ok:
     left = "-inf" if low is None else f"{low}"
     right = "inf" if high is None else f"{high}"
-    interval = (("[" if low_inclusive else "(") + f"{left}, {right}" +
-                ("]" if high_inclusive else ")"))
+    interval = (("(" if low is None or not low_inclusive else "[") + f"{left}, {right}" +
+                ("]" if high is not None and high_inclusive else ")"))
     raise ValueError(f"{name} must be in {interval}, got {value!r}.")
 
 

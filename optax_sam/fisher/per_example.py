@@ -17,6 +17,12 @@ PerExampleFn = Callable[[ExampleLoss, Any], Any]  # (example loss, params) -> py
 def batch_size_of(loss_fn: loss_lib.LossFn, params: Any, method: str) -> int:
   """Number of examples ``loss_fn`` returns losses for (checked to be per-example)."""
   if isinstance(loss_fn, loss_lib.PerExampleLoss):
+    first = jax.tree.map(lambda x: x[0], loss_fn.batch)
+    shape = jax.eval_shape(loss_fn.example_loss, params, first).shape
+    if shape:
+      raise ValueError(
+          f"{method} needs per-example losses, but PerExampleLoss's example_loss returns "
+          f"shape {shape} for one example. Return that example's loss as a scalar.")
     return loss_fn.batch_size
   shape = jax.eval_shape(loss_fn, params).shape
   if len(shape) != 1:
@@ -93,6 +99,7 @@ def sum_over_examples(
   weights = (flat < n).astype(jnp.float32).reshape(num_chunks, chunk)
 
   if example_mask is not None:
+    loss_lib.check_example_mask(example_mask, batch)
     real = _replicate_if_explicitly_sharded(jnp.asarray(example_mask, jnp.float32))
 
   def one_example(index, weight):

@@ -57,6 +57,7 @@ def sharpness_weights(
   slope = jnp.maximum(jnp.abs(loss_plus - loss_minus), eta)
   weights = curvature / slope
   if example_mask is not None:
+    loss_lib.check_example_mask(example_mask, weights.shape[0])
     weights = weights * jnp.asarray(example_mask, jnp.float32)
   return weights
 
