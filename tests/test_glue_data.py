@@ -140,7 +140,11 @@ def _write(folder, task_folder, text, name="train.tsv"):
      r"line 1: expected a RTE header with the column 'sentence1'"),
     ("stsb", "STS-B", "\t".join(["c"] * 7 + ["sentence1", "sentence2", "score"]) + "\n"
      + "\t".join(["x"] * 9 + ["high"]) + "\n",
-     r"line 2: expected a numeric score in column 'score', got 'high'"),
+     r"line 2: expected a score in \[0, 5\] in column 'score', got 'high'"),
+    *[("stsb", "STS-B", "\t".join(["c"] * 7 + ["sentence1", "sentence2", "score"]) + "\n"
+       + "\t".join(["x"] * 9 + ["4.0"]) + "\n" + "\t".join(["x"] * 9 + [score]) + "\n",
+       rf"STS-B/train.tsv, line 3: expected a score in \[0, 5\] in column 'score', "
+       rf"got '{score}'") for score in ("nan", "NaN", "inf", "5.2", "-0.5", "1e9")],
     ("cola", "CoLA", "gj04\t1\t\tFine.\ngj04\t0\t*\t\n",
      r"CoLA/train.tsv, line 2: expected non-empty text"),
 ])
@@ -149,6 +153,16 @@ def test_malformed_files_name_path_line_and_expectation(tmp_path, task_name, fol
   _write(tmp_path, folder, text)
   with pytest.raises(data.DataError, match=message):
     data.load_split(data.get_task(task_name), "train", tmp_path)
+
+
+def test_a_byte_that_is_not_utf8_names_the_file_and_line(tmp_path):
+  (tmp_path / "RTE").mkdir()
+  (tmp_path / "RTE" / "train.tsv").write_bytes(
+      b"index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"
+      b"1\tcaf\xe9\tb\tentailment\n")
+  with pytest.raises(data.DataError, match=r"RTE/train.tsv, line 3: not UTF-8 text "
+                                           r"\(byte 0xe9\)"):
+    data.load_split(data.get_task("rte"), "train", tmp_path)
 
 
 def test_byte_order_mark_and_stray_quotes_are_read_as_text(tmp_path):

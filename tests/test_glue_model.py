@@ -141,6 +141,19 @@ def test_missing_encoder_tensor_is_named(tmp_path):
     pretrained.load_pretrained(tmp_path, num_labels=3)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_weights_file_is_a_pretrained_model_error(tmp_path, damage):
+  _write_tiny_bert(tmp_path)
+  weights = tmp_path / "model.safetensors"
+  raw = weights.read_bytes()
+  weights.write_bytes({"truncated": raw[:len(raw) // 2], "garbage": b"not a model",
+                       "empty": b""}[damage])
+  with pytest.raises(pretrained.PretrainedModelError,
+                     match=r"model\.safetensors cannot be read as safetensors \(.+\): the "
+                           r"file is truncated or corrupt"):
+    pretrained.load_pretrained(tmp_path, num_labels=2)
+
+
 def test_parameter_paths_follow_the_documented_layout():
   loaded = pretrained.load_pretrained(FIXTURES / "tiny_roberta", num_labels=2)
   paths = {"/".join(key.key for key in path) for path, _ in

@@ -9,8 +9,10 @@ the hub's, so both sources agree; STS-B scores stay floats.
 from __future__ import annotations
 
 import csv
+import io
 import dataclasses
 import logging
+import math
 import pathlib
 from typing import Iterator, Optional, Sequence
 
@@ -46,6 +48,7 @@ class Task:
     dev_file: stem of the evaluation file (``dev``, ``dev_matched``, ...).
     hub_config: the ``nyu-mll/glue`` configuration name, if not ``name``.
     hub_dev_split: the hub split that corresponds to ``dev_file``.
+    score_range: the scores a regression task's labels may take.
   """
 
   name: str
@@ -59,6 +62,7 @@ class Task:
   dev_file: str = "dev"
   hub_config: Optional[str] = None
   hub_dev_split: str = "validation"
+  score_range: tuple[float, float] = (0.0, 5.0)
 
   @property
   def is_regression(self) -> bool:
@@ -147,7 +151,14 @@ def read_tsv(task: Task, path: str | pathlib.Path) -> Split:
   """
   path = pathlib.Path(path)
   texts, labels = [], []
-  with open(path, encoding="utf-8-sig", newline="") as file:
+  raw = path.read_bytes()
+  try:
+    content = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as error:
+    line = raw.count(b"\n", 0, error.start) + 1
+    raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x})"
+                    ) from None
+  with io.StringIO(content, newline="") as file:
     reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
     columns = {}
     if task.has_header:
@@ -178,11 +189,15 @@ def read_tsv(task: Task, path: str | pathlib.Path) -> Split:
 
 def _parse_label(task: Task, value: str, where: str) -> int | float:
   if task.is_regression:
+    low, high = task.score_range
     try:
-      return float(value)
+      score = float(value)
     except ValueError:
-      raise DataError(f"{where}: expected a numeric score in column "
-                      f"{task.label_column!r}, got {value!r}") from None
+      score = math.nan
+    if not low <= score <= high:  # also false for NaN
+      raise DataError(f"{where}: expected a score in [{low:g}, {high:g}] in column "
+                      f"{task.label_column!r}, got {value!r}")
+    return score
   if value not in task.labels:
     raise DataError(f"{where}: expected a label in {list(task.labels)} in column "
                     f"{task.label_column!r}, got {value!r}")

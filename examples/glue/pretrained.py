@@ -93,12 +93,12 @@ def encoder_config(hf_config: Mapping[str, Any], dropout: Optional[float] = None
   """
   model_type = hf_config.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise PretrainedModelError(f"unknown architecture: model_type {model_type!r}; supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    raise PretrainedModelError(f"unknown architecture: model_type {model_type!r}; "
+                               f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
   position_type = hf_config.get("position_embedding_type", "absolute")
   if position_type != "absolute":
-    raise PretrainedModelError(f"position_embedding_type {position_type!r} is not supported "
-                          "(only 'absolute')")
+    raise PretrainedModelError(f"position_embedding_type {position_type!r} is not "
+                               "supported (only 'absolute')")
   try:
     return model_lib.EncoderConfig(
         vocab_size=hf_config["vocab_size"],
@@ -197,34 +197,51 @@ def load_pretrained(folder: str | pathlib.Path, num_labels: int, seed: int = 0,
   random_head = module.init(jax.random.key(seed), jnp.zeros((1, 1, config.hidden_size)),
                             method=module.classify)["params"]
 
+  try:
+    params, fresh = _read_params(folder / WEIGHTS_FILE, shapes, random_head)
+  except (safetensors.SafetensorError, OSError) as error:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    raise PretrainedModelError(
+        f"{folder / WEIGHTS_FILE} cannot be read as safetensors ({reason}): the file is "
+        f"truncated or corrupt; copy or export the model again") from None
+  return Pretrained(config=config, params=params, hf_config=hf_config,
+                    fresh_modules=tuple(sorted(fresh)))
+
+
+def _read_params(path: pathlib.Path, shapes: Any, random_head: Any
+                 ) -> tuple[Any, set[str]]:
+  """The parameters of ``shapes`` from the safetensors file ``path``: head modules it
+  lacks (or has for another number of labels) come from ``random_head``.
+
+  Returns:
+    The parameters and the names of the head modules taken from ``random_head``.
+  """
   fresh = set()
-  with safetensors.safe_open(folder / WEIGHTS_FILE, framework="numpy") as tensors:
+  with safetensors.safe_open(path, framework="numpy") as tensors:
     available = set(tensors.keys())
 
     def load_leaf(key_path: tuple, shape: jax.ShapeDtypeStruct) -> jax.Array:
-      path = tuple(key.key for key in key_path)
-      name, transposed = hf_tensor_name(path)
+      path_names = tuple(key.key for key in key_path)
+      name, transposed = hf_tensor_name(path_names)
       stem, kind = name.rsplit(".", 1)
       candidates = [prefix + stem + "." + alias for prefix in _PREFIXES
                     for alias in _ALIASES.get(kind, (kind,))]
       found = next((c for c in candidates if c in available), None)
       expected = tuple(reversed(shape.shape)) if transposed else shape.shape
-      if found is None or (path[0] == "classifier"
+      if found is None or (path_names[0] == "classifier"
                            and tuple(tensors.get_slice(found).get_shape()) != expected):
-        if path[0] in HEAD_MODULES:
-          fresh.add(path[0])
-          return random_head[path[0]][path[1]]
-        raise PretrainedModelError(f"{folder / WEIGHTS_FILE} lacks the tensor {name} "
-                              f"(needed for {'/'.join(path)})")
+        if path_names[0] in HEAD_MODULES:
+          fresh.add(path_names[0])
+          return random_head[path_names[0]][path_names[1]]
+        raise PretrainedModelError(f"{path} lacks the tensor {name} (needed for "
+                                   f"{'/'.join(path_names)})")
       value = tensors.get_tensor(found)
       if value.shape != expected:
-        raise PretrainedModelError(f"shape mismatch for tensor {found}: {WEIGHTS_FILE} has "
-                              f"{value.shape}, config.json implies {expected}")
+        raise PretrainedModelError(f"shape mismatch for tensor {found}: {path.name} has "
+                                   f"{value.shape}, config.json implies {expected}")
       return jnp.asarray(value.T if transposed else value, shape.dtype)
 
-    params = jax.tree_util.tree_map_with_path(load_leaf, shapes)
-  return Pretrained(config=config, params=params, hf_config=hf_config,
-                    fresh_modules=tuple(sorted(fresh)))
+    return jax.tree_util.tree_map_with_path(load_leaf, shapes), fresh
 
 
 def load_tokenizer(folder: str | pathlib.Path) -> transformers.PreTrainedTokenizerBase:
@@ -236,12 +253,13 @@ def load_tokenizer(folder: str | pathlib.Path) -> transformers.PreTrainedTokeniz
   # Without vocabulary files, transformers builds an empty tokenizer instead of failing.
   if not any((pathlib.Path(folder) / name).is_file() for name in TOKENIZER_FILES):
     raise PretrainedModelError(f"cannot load a tokenizer from {folder}: it has none of "
-                          f"{', '.join(TOKENIZER_FILES)}")
+                               f"{', '.join(TOKENIZER_FILES)}")
   try:
     return transformers.AutoTokenizer.from_pretrained(str(folder))
   except (OSError, ValueError) as error:
     reason = str(error).strip().splitlines()[0]
-    raise PretrainedModelError(f"cannot load a tokenizer from {folder}: {reason}") from None
+    raise PretrainedModelError(
+        f"cannot load a tokenizer from {folder}: {reason}") from None
 
 
 def save_pretrained(folder: str | pathlib.Path, params: Any,
