@@ -87,11 +87,13 @@ class Arm:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-  """Every arm on every task with every seed."""
+  """Every arm on every task with every seed (with the experiment's recipe, unless the
+  block has its own)."""
 
   tasks: tuple[str, ...]
   seeds: tuple[int, ...]
   arms: tuple[Arm, ...]
+  recipe: Optional[Mapping[str, tuple[str, ...]]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +277,7 @@ def plan(experiment: Experiment, *, tasks: Optional[Sequence[str]] = None,
           if wanted is not None and arm.label not in wanted:
             continue
           args = ["--task", task, "--method", arm.method, "--seed", str(seed),
-                  *experiment.recipe[task], *arm.args]
+                  *(block.recipe or experiment.recipe)[task], *arm.args]
           if model:
             args += ["--model", model]
           if glue_dir:
