@@ -17,7 +17,9 @@ PerExampleFn = Callable[[ExampleLoss, Any], Any]  # (example loss, params) -> py
 def batch_size_of(loss_fn: loss_lib.LossFn, params: Any, method: str) -> int:
   """Number of examples ``loss_fn`` returns losses for (checked to be per-example)."""
   if isinstance(loss_fn, loss_lib.PerExampleLoss):
-    first = jax.tree.map(lambda x: x[0], loss_fn.batch)
+    # Shapes only: slicing a row out of a batch sharded over explicit mesh axes fails.
+    first = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), loss_fn.batch)
     shape = jax.eval_shape(loss_fn.example_loss, params, first).shape
     if shape:
       raise ValueError(
