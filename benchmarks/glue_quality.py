@@ -652,9 +652,9 @@ def _figure_cell(entry: Optional[Mapping[str, Any]]) -> str:
   return text
 
 
-def render_markdown(summary: Mapping[str, Any]) -> str:
+def scores_table(summary: Mapping[str, Any]) -> str:
+  """The Markdown table of dev scores and paired differences of a summary."""
   records = summary["aggregate"]
-  trivial = summary.get("trivial_scores", {})
   references = sorted({ref for r in records for ref in r["differences"]},
                       key=lambda ref: (ref != "adamw", ref))
   rows = []
@@ -663,10 +663,16 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                  _cell(r["best_epoch_score"]),
                  *(_difference_cell(r["differences"].get(ref)) for ref in references),
                  _cell(r["minutes"])])
-  table = common.markdown_table(
+  return common.markdown_table(
       ["task", "arm", "seeds", "dev score (final epoch)", "best epoch (not the headline)",
        *(f"vs `{ref}`" for ref in references), "minutes per run"], rows,
       align="ll" + "r" * (4 + len(references)))
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+  records = summary["aggregate"]
+  trivial = summary.get("trivial_scores", {})
+  table = scores_table(summary)
   parts = [f"# GLUE dev quality: `{summary['experiment']}`", "",
            common.stamp_markdown(summary["meta"]), "", summary["description"], "",
            f"Runs: {summary['counts']['results']} finished of "
