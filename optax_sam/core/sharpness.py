@@ -62,10 +62,10 @@ def sharpness_aware(
   ``g_v = g_s − (⟨g_s, g₀⟩ / ‖g₀‖²) g₀`` (global inner products and norms, float32). The
   choice runs inside ``lax.cond``, so under ``jax.jit`` the steps between do not
   evaluate the loss again. Plain gradients between perturbing steps lose most of what
-  SAM gains (Liu et al.); reusing ``g_v`` with ``α ≈ 0.7`` keeps most of it. A zero
-  ``g`` or ``g_v`` gives the plain gradient, never NaN. The perturbation's state only
-  advances on perturbing steps: its step count (ρ schedules, FSAM's refresh period,
-  GA-SAM's average) counts those steps. The methods' constructors rescale their
+  SAM gains; reusing ``g_v`` (``α ≈ 0.7``) is reported to keep most of it (Liu et
+  al.). A zero ``g`` or ``g_v`` gives the plain gradient, never NaN. The perturbation's
+  state only advances on perturbing steps: its step count (ρ schedules, FSAM's refresh
+  period, GA-SAM's average) counts those steps. The methods' constructors rescale their
   schedules so that a schedule still reads the step count.
 
   Args:
