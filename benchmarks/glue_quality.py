@@ -240,6 +240,23 @@ _register(Experiment(
     references=("adamw", "sam"),
     flatness=True))
 
+_register(Experiment(
+    name="looksam",
+    description=(
+        "Amortised SAM (issue 14) on STS-B, three seeds, the calibrated low-resource "
+        "recipe: SAM perturbing every 5th step with LookSAM's reuse (alpha 0.7) and with "
+        "plain steps between, against SAM and AdamW; rho is the library's 0.05 for "
+        "every SAM arm. LookSAM's claim: the reuse keeps most of SAM's gain at about "
+        "0.6x SAM's cost, the plain steps between do not."),
+    recipe=CPU_RECIPE,
+    blocks=(Block(("stsb",), (0, 1, 2), (
+        Arm("adamw", "adamw", reference=None),
+        Arm("sam", "sam"),
+        Arm("looksam@k=5", "sam", ("--perturb-every", "5", "--reuse-alpha", "0.7")),
+        Arm("sam-every-5", "sam", ("--perturb-every", "5")))),),
+    references=("adamw", "sam"),
+    flatness=True))
+
 # For context: AdamW on each full training set (SST-2: one epoch of its 67k sentences).
 _FULL_DATA = ("--batch-size", "32", "--warmup-ratio", "0.1", "--weight-decay", "0.01",
               "--lr", "1e-4")

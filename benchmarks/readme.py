@@ -101,9 +101,11 @@ def step_cost_goals(kind: str, repeats: Sequence[str]) -> str:
       f"{run['meta']['settings']['rounds']} x {run['meta']['settings']['repeats']}"
       for run in runs] + ["over the runs"]
   rows = []
-  for index, goal in enumerate(runs[0]["goals"]):
-    same = [run["goals"][index] for run in runs]
-    assert all(g["goal"] == goal["goal"] for g in same), goal["goal"]
+  for goal in runs[0]["goals"]:
+    # Matched by name: a run made before a goal was added (or its limit changed) did
+    # not evaluate it.
+    same = [next((g for g in run["goals"] if g["goal"] == goal["goal"]),
+                 {"measured": None, "met": None}) for run in runs]
     rows.append([goal["goal"], f"{goal['limit']:g}",
                  *(step_cost_report.ratio(g["measured"]) for g in same), _verdict(same)])
   return common.markdown_table(header, rows, align="lr" + "r" * len(runs) + "l")

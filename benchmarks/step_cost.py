@@ -181,8 +181,9 @@ def loss_functions(module: model_lib.SequenceClassifier) -> Losses:
 class Row:
   """One timed step.
 
-  ``run()`` performs one step and blocks until it is done; ``memory`` holds the compiled
-  memory analysis.
+  ``run()`` performs ``cycle`` steps (one, unless the row is amortised over a cycle of
+  steps that differ) and blocks until they are done; a time is that of a run divided
+  by ``cycle``. ``memory`` holds the compiled memory analysis.
   """
 
   name: str
@@ -191,6 +192,7 @@ class Row:
   compile_s: Optional[float] = None
   note: Optional[str] = None
   times: list[float] = dataclasses.field(default_factory=list)
+  cycle: int = 1
 
 
 def _memory_analysis(compiled) -> Optional[dict[str, int]]:
@@ -207,12 +209,12 @@ def _memory_analysis(compiled) -> Optional[dict[str, int]]:
 
 
 def _compiled_row(name: str, function: Callable, *inputs, feed_back: int = 0,
-                  note: Optional[str] = None) -> Row:
+                  note: Optional[str] = None, cycle: int = 1) -> Row:
   """Compiles ``function(*inputs)``; each run feeds output ``feed_back`` into its input.
 
   ``feed_back`` is the index of the argument (and output) carried from step to step, the
   optimizer state; the parameters are shared by all rows and not updated, so the rows
-  hold one copy of them between steps.
+  hold one copy of them between steps. A run is ``cycle`` consecutive steps.
   """
   started = time.perf_counter()
   compiled = jax.jit(function).lower(*inputs).compile()
@@ -220,12 +222,13 @@ def _compiled_row(name: str, function: Callable, *inputs, feed_back: int = 0,
   carried = list(inputs)
 
   def run():
-    outputs = compiled(*carried)
+    for _ in range(cycle):
+      outputs = compiled(*carried)
+      if feed_back is not None and isinstance(outputs, tuple):
+        carried[feed_back] = outputs[feed_back]
     jax.block_until_ready(outputs)
-    if feed_back is not None and isinstance(outputs, tuple):
-      carried[feed_back] = outputs[feed_back]
 
-  return Row(name, run, _memory_analysis(compiled), compile_s, note)
+  return Row(name, run, _memory_analysis(compiled), compile_s, note, cycle=cycle)
 
 
 def _adamw() -> optax.GradientTransformation:
@@ -364,6 +367,9 @@ def _amortised_fsam(records: dict[str, dict[str, Any]],
 
 
 REFERENCE, LIBRARY, TORCH = "reference", "library", "torch"
+# LookSAM's α, the paper's default, for the amortised rows.
+LOOKSAM_ALPHA = 0.7
+AMORTISED_PERIODS = (2, 5, 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +387,9 @@ class RowSpec:
     measured_as: a derived row's measured rows (run in its place).
     derive: ``(records, args) -> record``, a derived row's record from theirs.
     selectable: offered by ``--methods`` (not the rows measured for a derived one).
+    cycle: steps per timed run, for a row whose steps differ in a fixed cycle (an
+      amortised method perturbing every ``cycle`` steps): its time is a run's over
+      ``cycle``, the mean step of the cycle.
   """
 
   name: str
@@ -392,6 +401,25 @@ class RowSpec:
   measured_as: tuple[str, ...] = ()
   derive: Optional[Callable[[dict, argparse.Namespace], dict]] = None
   selectable: bool = True
+  cycle: int = 1
+
+
+def _amortised_note(args: argparse.Namespace, threads: int) -> str:
+  del args, threads
+  return ("sam[k=K], fsam[k=K]: LookSAM (perturb_every=K, reuse_alpha="
+          f"{LOOKSAM_ALPHA}), timed over whole cycles of K steps (one perturbing step, "
+          "K-1 that reuse g_v): the mean step. fsam[k=K] keeps its first mask; its "
+          "refresh, every 100 steps, adds what fsam adds over fsam[normal]")
+
+
+def _amortised_rows(method: str, build: Callable[[int], optax.GradientTransformation]
+                    ) -> list[RowSpec]:
+  """``method[k=K]`` rows: ``build(K)`` before AdamW for each period in AMORTISED_PERIODS."""
+  return [RowSpec(f"{method}[k={k}]", LIBRARY,
+                  f"optax_sam.{method}, LookSAM every {k} steps (alpha {LOOKSAM_ALPHA}): "
+                  f"mean step of a cycle",
+                  _library(lambda a, p, k=k: build(k)), cycle=k, note=_amortised_note)
+          for k in AMORTISED_PERIODS]
 
 
 # Every row, in the order of the tables.
@@ -420,6 +448,10 @@ ROWS: tuple[RowSpec, ...] = (
             "optax_sam.fsam, a step that refreshes the mask (per-example Fisher)",
             _library(lambda a, p: optax_sam.fsam(RHO, mask_every=1)), selectable=False),
     RowSpec("gasam", LIBRARY, "optax_sam.gasam", _library(lambda a, p: optax_sam.gasam(RHO))),
+    *(_amortised_rows("sam", lambda k: optax_sam.sam(
+        RHO, perturb_every=k, reuse_alpha=LOOKSAM_ALPHA))),
+    *(_amortised_rows("fsam", lambda k: optax_sam.fsam(
+        RHO, mask_every=NEVER, perturb_every=k, reuse_alpha=LOOKSAM_ALPHA))),
     RowSpec("delta-sam", LIBRARY, "optax_sam.delta_sam",
             _library(lambda a, p: optax_sam.delta_sam(RHO))),
     RowSpec("per-instance-sam", LIBRARY, "optax_sam.per_instance_sam (chunked vmap)",
@@ -459,9 +491,11 @@ KINDS = {spec.name: spec.kind for spec in ROWS}
 
 def jax_row(name: str, setup: Setup, args: argparse.Namespace) -> Row:
   """Builds and compiles the step of row ``name``."""
-  tx, step = ROW_BY_NAME[name].step(loss_functions(setup.module), args, setup.params)
+  spec = ROW_BY_NAME[name]
+  tx, step = spec.step(loss_functions(setup.module), args, setup.params)
   opt_state = jax.jit(tx.init)(setup.params)
-  return _compiled_row(name, step, setup.params, opt_state, setup.batch, feed_back=1)
+  return _compiled_row(name, step, setup.params, opt_state, setup.batch, feed_back=1,
+                       cycle=spec.cycle)
 
 
 def torch_rows(setup: Setup, args: argparse.Namespace, threads: int
@@ -558,7 +592,7 @@ def interleaved_timing(rows: Sequence[Row], rounds: int, repeats: int, warmup: i
         for _ in range(repeats):
           began = time.perf_counter()
           row.run()
-          row.times.append(time.perf_counter() - began)
+          row.times.append((time.perf_counter() - began) / row.cycle)
           progress.update()
 
 
@@ -785,8 +819,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       "apply_updates, jitted; parameters float32, dropout off, full-length sentence "
       "pairs, random labels; the loss is the batched per-example cross-entropy "
       "(per-example paths differentiate one example at a time)")
-  notes += [spec.note(args, threads) for spec in ROWS
-            if spec.note and spec.name in args.methods]
+  notes += list(dict.fromkeys(spec.note(args, threads) for spec in ROWS
+                             if spec.note and spec.name in args.methods))
   notes.append(
       "compiled memory: temp + argument + output bytes of the compiled step "
       "(memory_analysis); arguments include the shared parameters, the row's optimizer "

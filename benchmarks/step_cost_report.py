@@ -28,9 +28,12 @@ GOALS = (
     Goal("SAM <= 1.02 x floor", "sam", "floor", 1.02),
     Goal("FSAM (refresh amortised) <= 1.05 x SAM", "fsam", "sam", 1.05),
     Goal("GA-SAM <= 1.03 x SAM", "gasam", "sam", 1.03),
-    Goal("delta-SAM <= 1.25 x SAM", "delta-sam", "sam", 1.25),
+    Goal("amortised SAM (LookSAM, k = 5) <= 1.25 x AdamW", "sam[k=5]", "adamw", 1.25),
+    # δ-SAM's own passes (two forwards, two forward+backward) make 1.33 x SAM: the
+    # structural floor, once the caller's clean backward pass compiles away.
+    Goal("delta-SAM (plain API) <= 1.40 x SAM", "delta-sam", "sam", 1.40),
     Goal("DPS <= 1.05 x AdamW", "dps", "adamw", 1.05),
-    Goal("Child-Tuning_F <= 1.05 x AdamW", "child-tuning-f", "adamw", 1.05),
+    Goal("Child-Tuning_F <= 1.03 x AdamW", "child-tuning-f", "adamw", 1.03),
     Goal("Child-Tuning_D <= 1.05 x AdamW", "child-tuning-d", "adamw", 1.05),
     # Of the library's methods only sam computes what optax.contrib.sam computes.
     Goal("SAM <= 1.0 x optax.contrib.sam (same computation)", "sam", "optax-contrib-sam",

@@ -71,8 +71,9 @@ class Method:
     sharpness_aware: takes ``rho``, needs ``loss_fn``, takes ``axis_name``.
     per_example: its ``loss_fn`` is a ``PerExampleLoss`` (it differentiates examples one
       by one); otherwise the batched forward pass.
-    reads_clean_gradient: whether the output depends on the clean gradient's values
-      (δ-SAM and per-instance SAM only check that it is finite).
+    reads_clean_gradient: whether the output of a first step depends on the clean
+      gradient's values (δ-SAM and per-instance SAM do not read them at all, unless
+      amortised, whose later steps do).
     wraps_base: the constructor takes the base optimizer first (``dps_frozen``).
     params_transform: ``(params, opt_state) -> params`` the training loss sees (Mixout's
       mixed weights); the whole-step tests apply it.
@@ -94,6 +95,11 @@ class Method:
   params_transform: Optional[Callable[[Any, Any], Any]] = None
   loss_calls: Optional[tuple[int, int]] = None
   reorder_tolerance: float = 1.0
+
+  @property
+  def perturb_every(self) -> int:
+    """The amortisation period: only every k-th step reads ``rho``."""
+    return self.kwargs.get("perturb_every") or 1
 
   @property
   def live(self) -> Optional[str]:
@@ -168,6 +174,16 @@ METHODS: tuple[Method, ...] = (
     Method("delta_sam", optax_sam.delta_sam, {"seed": 7}, schedules=("rho", "eta"),
            sharpness_aware=True, reads_clean_gradient=False, loss_calls=(4, 4),
            reorder_tolerance=4.0),
+    # Amortised (LookSAM) steps: the first step perturbs, the second reuses g_v. δ-SAM's
+    # first step, as every step of δ-SAM, does not read the clean gradient's values.
+    # LookSAM rescales g_v to α‖g‖, so float32 noise in δ-SAM's perturbed gradient grows
+    # by ‖g‖/‖g_v‖ (about 20 here at ρ = 0.3, 120 at ρ = 0.05) in the steps between.
+    Method("sam_looksam", optax_sam.sam, dict(perturb_every=2, reuse_alpha=0.7),
+           ("perturb_every",), ("rho",), sharpness_aware=True, loss_calls=(1, 1)),
+    Method("delta_sam_looksam", optax_sam.delta_sam,
+           dict(rho=0.3, seed=7, perturb_every=2, reuse_alpha=0.7), ("perturb_every",),
+           ("rho", "eta"), sharpness_aware=True, reads_clean_gradient=False,
+           loss_calls=(4, 4), reorder_tolerance=25.0),
     Method("per_instance_sam", optax_sam.per_instance_sam, {"chunk_size": 3},
            ("chunk_size",), ("rho",), sharpness_aware=True, per_example=True,
            reads_clean_gradient=False),

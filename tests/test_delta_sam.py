@@ -209,3 +209,66 @@ def test_the_key_advances_every_step():
     keys.append(np.asarray(state.perturbation_state.key))
   np.testing.assert_array_equal(keys[0], jax.random.split(jax.random.PRNGKey(SEED))[0])
   assert not np.array_equal(keys[0], keys[1])
+
+
+# ------------------------- no pass computed for nothing -------------------------
+
+def _mlp_problem():
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(64, 256)) / 8, jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(256, 4)) / 16, jnp.float32)}
+  batch = {"x": jnp.asarray(rng.normal(size=(32, 64)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 4, size=32), jnp.int32)}
+
+  def loss_fn(p):
+    logits = jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+  return params, loss_fn
+
+
+def compiled_flops(tx, params, loss_fn, clean_gradient: str) -> float:
+  """FLOPs of a jitted step: ``"plain"`` hands ``tx`` the clean gradient, ``"zeros"``
+  hands it zeros and runs the forward pass only (the GLUE example's old special case)."""
+
+  def step(params, state):
+    mean_loss = lambda p: jnp.mean(loss_fn(p))
+    if clean_gradient == "plain":
+      loss, grads = jax.value_and_grad(mean_loss)(params)
+    else:
+      loss, grads = mean_loss(params), jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state, loss
+
+  analysis = jax.jit(step).lower(params, tx.init(params)).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+# δ-SAM as it was: the same perturbation, with the mechanism reading the clean gradient.
+def _delta_sam_reading_the_clean_gradient():
+  return optax_sam.sharpness_aware(reweighting.reweighted_ascent(RHO),
+                                   reads_clean_gradient=True)
+
+
+@pytest.mark.parametrize("factory, reading", [
+    (lambda: optax_sam.delta_sam(RHO), _delta_sam_reading_the_clean_gradient),
+    (lambda: optax_sam.per_instance_sam(RHO, chunk_size=8), None),
+], ids=["delta_sam", "per_instance_sam"])
+def test_the_callers_clean_backward_pass_compiles_away(factory, reading):
+  """δ-SAM and per-instance SAM do not read the clean gradient's values, so called the
+  plain way their compiled step costs what it costs when handed zeros; read (as the
+  finiteness guard once did), the values cost a whole backward pass more."""
+  params, loss_fn = _mlp_problem()
+  flops = lambda tx, how: compiled_flops(optax.chain(tx, optax.adamw(1e-3)), params,
+                                         loss_fn, how)
+  plain, zeros = flops(factory(), "plain"), flops(factory(), "zeros")
+  backward = flops(optax.identity(), "plain") - flops(optax.identity(), "zeros")
+  assert backward > 0 and plain - zeros < 0.01 * backward, (plain, zeros, backward)
+  line = f"FLOPs: plain API {plain:.4g}, handed zeros {zeros:.4g}, a backward {backward:.4g}"
+  if reading is not None:
+    reads = flops(reading(), "plain")
+    assert reads >= plain + 0.9 * backward, (reads, plain, backward)
+    line += f", reading the clean gradient {reads:.4g}"
+  print(line)

@@ -144,9 +144,10 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
       [0.0, 5e-4, 1e-3, 5e-4, 0.0])
 
 
-def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_work():
-  assert [name for name, method in methods.METHODS.items()
-          if not method.reads_clean_gradient] == ["delta-sam"]
+def test_delta_sam_step_costs_no_backward_pass_for_the_clean_gradient():
+  """The example hands δ-SAM the clean gradient like every method; δ-SAM does not read
+  its values, so the compiled step has one backward pass less than the same step with
+  a mechanism that reads them, and the same result."""
   # A small vocabulary, so that the passes and not AdamW's elementwise work dominate.
   config = pretrained.encoder_config(dict(TINY_BERT, vocab_size=1000))
   model = model_lib.SequenceClassifier(config, 2)
@@ -158,22 +159,42 @@ def test_delta_sam_step_without_the_clean_gradient_is_the_same_step_with_less_wo
            "example_mask": np.array([1, 1, 1, 0], np.float32)}
   params = model.init(jax.random.key(0), *(batch[k][:1] for k in (
       "input_ids", "attention_mask", "token_type_ids")))["params"]
-  tx = optax.chain(optax_sam.delta_sam(), optax.adamw(1e-3))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), dropout_key=jax.random.key(1))
-  steps = {clean: jax.jit(train.make_train_step(
-      model, tx, is_regression=False, clean_gradient=clean))
-           for clean in (True, False)}
-  (with_clean, loss), (without_clean, loss_without) = (
-      steps[clean](state, batch) for clean in (True, False))
-  assert float(loss) == float(loss_without)
-  harness.assert_trees_close(with_clean.params, without_clean.params, rtol=1e-6,
-                             atol=1e-7)
-  flops = {clean: steps[clean].lower(state, batch).compile().cost_analysis()["flops"]
-           for clean in (True, False)}
-  # One backward pass less (for this model about 7% of a δ-SAM step: XLA shares the
-  # clean forward pass with δ-SAM's own pass at w only when the backward needs it).
-  assert flops[False] < 0.95 * flops[True], flops
+  reading = optax_sam.sharpness_aware(
+      optax_sam.perturbations.reweighted_ascent(0.05), reads_clean_gradient=True)
+  txs = {"delta_sam": optax_sam.delta_sam(), "reading": reading}
+  steps, results, flops = {}, {}, {}
+  for name, method in txs.items():
+    tx = optax.chain(method, optax.adamw(1e-3))
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), dropout_key=jax.random.key(1))
+    steps[name] = jax.jit(train.make_train_step(model, tx, is_regression=False))
+    results[name] = steps[name](state, batch)
+    flops[name] = steps[name].lower(state, batch).compile().cost_analysis()["flops"]
+  (plain, loss), (read, loss_read) = results["delta_sam"], results["reading"]
+  assert float(loss) == float(loss_read)
+  harness.assert_trees_close(plain.params, read.params, rtol=1e-6, atol=1e-7)
+  # One backward pass less: for this model about 7% of a δ-SAM step.
+  assert flops["delta_sam"] < 0.95 * flops["reading"], flops
+
+
+def test_amortisation_flags_reach_the_sam_family_only():
+  args = train.parse_args(["--task", "rte", "--method", "fsam", "--perturb-every", "5",
+                           "--reuse-alpha", "0.7"])
+  assert methods.hyperparameters_from_args(methods.METHODS["fsam"], args) == {
+      "perturb_every": 5, "reuse_alpha": 0.7}
+  for name in ("sam", "asam", "gasam", "delta-sam", "per-instance-sam"):
+    assert methods.hyperparameters_from_args(methods.METHODS[name], args)
+  for name in ("adamw", "dps", "child-tuning-f", "mixout"):
+    with pytest.raises(ValueError, match="--perturb-every, --reuse-alpha does not apply"):
+      methods.hyperparameters_from_args(methods.METHODS[name], args)
+
+
+def test_amortisation_flags_are_refused_with_an_error_line(capsys):
+  assert train.main(["--task", "rte", "--method", "dps", "--perturb-every", "5"]) == 2
+  assert capsys.readouterr().err == (
+      "error: --perturb-every does not apply to --method dps\n")
+  assert train.main(["--task", "rte", "--method", "sam", "--reuse-alpha", "0.7"]) == 2
+  assert capsys.readouterr().err.startswith("error: --reuse-alpha sets the steps between")
 
 
 @needs_glue
@@ -304,3 +325,14 @@ def test_data_seed_chooses_the_subsample_and_defaults_to_the_seed(tiny_model, tm
   _run(tiny_model, tmp_path / "default", "--seed", "3", "--max-steps", "1")
   _run(tiny_model, tmp_path / "fixed", "--seed", "3", "--data-seed", "0", "--max-steps", "1")
   assert seeds == [3, 0]
+
+
+@needs_glue
+def test_amortised_sam_trains_and_records_its_settings(tiny_model, tmp_path):
+  records = _run(tiny_model, tmp_path, "--method", "sam", "--perturb-every", "2",
+                 "--reuse-alpha", "0.7")
+  assert records[0]["hyperparameters"] == {"perturb_every": 2, "reuse_alpha": 0.7}
+  settings = json.loads((tmp_path / "run_config.json").read_text())
+  assert (settings["perturb_every"], settings["reuse_alpha"]) == (2, 0.7)
+  losses = [r["loss"] for r in records if r["event"] == "train"]
+  assert len(losses) == 2 and np.all(np.isfinite(losses))

@@ -65,6 +65,13 @@ HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
                    "GA-SAM: cap on the relative strength"),
     Hyperparameter("--ascent-steps", int, "GA-SAM: ascent steps"),
     Hyperparameter("--chunk-size", int, "per-instance SAM: examples per vmap chunk"),
+    Hyperparameter("--perturb-every", int,
+                   "SAM family: perturb every k-th step only (amortised steps; 1: every "
+                   "step)"),
+    Hyperparameter("--reuse-alpha", flags.finite_float,
+                   "SAM family with --perturb-every > 1: LookSAM's alpha, reusing the "
+                   "last perturbed gradient's orthogonal part between perturbing steps "
+                   "(unset: the plain gradient there)"),
     Hyperparameter("--update-ratio", flags.finite_float,
                    "DPS: stage length as a fraction of all steps"),
     Hyperparameter("--exclude-ratio", flags.finite_float,
@@ -113,9 +120,6 @@ class Method:
       offered when it exists); ``None`` for plain AdamW.
     flags: dests of the ``HYPERPARAMETERS`` it accepts, mapped to constructor keywords.
     build: makes the optimizer from the given hyperparameters, context and base.
-    reads_clean_gradient: whether the optimizer uses the values of the gradient it is
-      given; δ-SAM builds its ascent from its own reweighted pass, so its training step
-      can skip the clean backward pass.
     params_transform: ``(params, opt_state) -> params`` the training loss sees instead
       of the parameters (Mixout's mixed weights), or ``None``; evaluation and the
       exported model use the parameters themselves.
@@ -125,7 +129,6 @@ class Method:
   constructor: Optional[str]
   flags: Mapping[str, str]
   build: Builder
-  reads_clean_gradient: bool = True
   params_transform: Optional[Callable[[Any, Any], Any]] = None
 
 
@@ -162,24 +165,25 @@ def _mixout_params(params: Any, opt_state: Any) -> Any:
   return optax_sam.mixout_params(params, opt_state)
 
 
-_RHO = {"rho": "rho"}
+# The SAM family's radius and amortisation (perturb every k-th step, LookSAM's reuse).
+_SHARPNESS = {"rho": "rho", "perturb_every": "perturb_every", "reuse_alpha": "reuse_alpha"}
 _DPS = {"update_ratio": "update_ratio", "exclude_ratio": "exclude_ratio"}
 _ALL_METHODS = (
     Method("adamw", None, {}, lambda hyperparameters, context, base: base),
-    Method("sam", "sam", _RHO, _before_base("sam")),
-    Method("asam", "asam", {**_RHO, "eta": "eta"}, _before_base("asam")),
+    Method("sam", "sam", _SHARPNESS, _before_base("sam")),
+    Method("asam", "asam", {**_SHARPNESS, "eta": "eta"}, _before_base("asam")),
     Method("fsam", "fsam",
-           {**_RHO, "keep_ratio": "keep_ratio", "mask_every": "mask_every",
+           {**_SHARPNESS, "keep_ratio": "keep_ratio", "mask_every": "mask_every",
             "fisher": "fisher", "fisher_samples": "fisher_samples",
             "fisher_chunk_size": "fisher_chunk_size"},
            _before_base("fsam")),
     Method("gasam", "gasam",
-           {**_RHO, "beta": "beta", "max_scale": "max_scale",
+           {**_SHARPNESS, "beta": "beta", "max_scale": "max_scale",
             "ascent_steps": "ascent_steps"},
            _before_base("gasam")),
-    Method("delta-sam", "delta_sam", {**_RHO, "eta": "eta"},
-           _before_base("delta_sam", "seed"), reads_clean_gradient=False),
-    Method("per-instance-sam", "per_instance_sam", {**_RHO, "chunk_size": "chunk_size"},
+    Method("delta-sam", "delta_sam", {**_SHARPNESS, "eta": "eta"},
+           _before_base("delta_sam", "seed")),
+    Method("per-instance-sam", "per_instance_sam", {**_SHARPNESS, "chunk_size": "chunk_size"},
            _before_base("per_instance_sam")),
     Method("dps", "dps", _DPS, _before_base("dps", "total_steps", scope=PAPER_SCOPE)),
     Method("dps-frozen", "dps_frozen", _DPS, _dps_frozen),

@@ -188,15 +188,14 @@ def learning_rate_schedule(peak: float, total_steps: int,
 
 def make_train_step(model: model_lib.SequenceClassifier,
                     tx: optax.GradientTransformation, is_regression: bool, *,
-                    clean_gradient: bool = True,
                     params_transform: Optional[Callable[[Any, Any], Any]] = None):
   """The training step ``(state, batch) -> (state, mean loss)``, to be jitted.
 
   Every example gets its own dropout key, so the per-example loss is a function of the
   example alone (``optax_sam.PerExampleLoss``); the method's second pass reuses the batch
-  and the keys of the clean gradient. With ``clean_gradient=False`` (for an optimizer
-  that ignores the gradient's values, as δ-SAM does) it hands ``tx`` zeros and runs the
-  forward pass only. ``params_transform(params, opt_state)``, if given, is what the loss
+  and the keys of the clean gradient. Every method gets the clean gradient; one that
+  does not read its values (δ-SAM) costs no backward pass for it, since XLA drops what
+  nothing reads. ``params_transform(params, opt_state)``, if given, is what the loss
   sees in place of the parameters (Mixout's mixed weights).
   """
   per_example = functools.partial(example_loss, model=model, is_regression=is_regression)
@@ -212,10 +211,7 @@ def make_train_step(model: model_lib.SequenceClassifier,
                                             example))
     loss_fn = optax_sam.PerExampleLoss(loss_of, dict(examples, dropout_key=keys))
     mean_loss = lambda params: optax_sam.batch_mean(loss_fn(params), example_mask)
-    if clean_gradient:
-      loss, grads = jax.value_and_grad(mean_loss)(state.params)
-    else:
-      loss, grads = mean_loss(state.params), jax.tree.map(jnp.zeros_like, state.params)
+    loss, grads = jax.value_and_grad(mean_loss)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                    loss_fn=loss_fn, example_mask=example_mask)
     params = optax.apply_updates(state.params, updates)
@@ -438,6 +434,9 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   task = data.get_task(args.task)
   method, hyperparameters = select_method(args)
   devices = select_devices(args.num_devices, args.batch_size)
+  if args.reuse_alpha is not None and (args.perturb_every or 1) == 1:
+    raise UsageError("--reuse-alpha sets the steps between perturbing steps: give "
+                     "--perturb-every > 1 too")
   output_dir = pathlib.Path(args.output_dir
                             or f"runs/{task.name}-{method.name}-{args.seed}")
   prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
@@ -521,7 +520,6 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
   train_step = jax.jit(make_train_step(model, tx, task.is_regression,
-                                       clean_gradient=method.reads_clean_gradient,
                                        params_transform=method.params_transform),
                        in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)

@@ -7,6 +7,8 @@ from typing import Optional
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core.sharpness import amortisation_period
+from optax_sam.core.sharpness import every_kth_step
 from optax_sam.core.sharpness import sharpness_aware
 from optax_sam.perturbations.parameter_scaling import scale_by_parameter_magnitude
 from optax_sam.perturbations.radius import scale_to_radius
@@ -16,6 +18,8 @@ def asam(
     rho: numerics.ScalarOrSchedule = 0.5,
     eta: float = 0.01,
     *,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -30,6 +34,10 @@ def asam(
   Args:
     rho: radius ``ρ >= 0`` of the adaptive region (constant or schedule).
     eta: ``η >= 0`` in ``T = |w| + η``.
+    perturb_every: perturb on every k-th step only (amortised steps, LookSAM);
+      ``None`` or ``1`` is the method itself. A ``rho`` schedule still reads the step count.
+    reuse_alpha: LookSAM's ``α >= 0`` for the steps between perturbing steps, or
+      ``None`` for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to ``‖T g‖``.
     axis_name: per-device perturbation; see :func:`optax_sam.sharpness_aware`.
 
@@ -48,9 +56,11 @@ def asam(
     >>> grads = jax.grad(lambda p: loss_fn(p).mean())(params)
     >>> updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
   """
+  perturb_every = amortisation_period(perturb_every, reuse_alpha)
   perturbation = optax.chain(
       scale_by_parameter_magnitude(eta),
-      scale_to_radius(rho, eps=eps),
+      scale_to_radius(every_kth_step(rho, perturb_every), eps=eps),
       scale_by_parameter_magnitude(eta),
   )
-  return sharpness_aware(perturbation, axis_name=axis_name, method="asam")
+  return sharpness_aware(perturbation, perturb_every=perturb_every,
+                         reuse_alpha=reuse_alpha, axis_name=axis_name, method="asam")

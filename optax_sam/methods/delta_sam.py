@@ -7,6 +7,8 @@ from typing import Optional
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core.sharpness import amortisation_period
+from optax_sam.core.sharpness import every_kth_step
 from optax_sam.core.sharpness import sharpness_aware
 from optax_sam.perturbations.reweighting import reweighted_ascent
 
@@ -16,6 +18,8 @@ def delta_sam(
     eta: numerics.ScalarOrSchedule = 1e-4,
     *,
     seed: int = 0,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -35,15 +39,21 @@ def delta_sam(
   Cost per step, beyond the caller's clean gradient: two forward passes without
   gradient (at ``w ± r``), one forward and one backward pass for the reweighted gradient
   and one forward and one backward pass at ``w + ε``. The clean gradient's values are
-  not used (beyond a finiteness check), so a caller that runs δ-SAM first in its chain
-  may pass zeros instead and save that backward pass. Extra state: a PRNG key and a
-  step count.
+  not read (with ``perturb_every = 1``), so under ``jax.jit`` XLA drops the backward
+  pass that made it: call it as every other method, nothing is computed for nothing.
+  Its finiteness is that of what δ-SAM computes itself. Extra state: a PRNG key and a
+  step count. With ``perturb_every > 1`` the key and the count for ``eta`` advance on
+  perturbing steps only.
 
   Args:
     rho: radius ``ρ >= 0`` (constant or schedule). The paper uses 0.05 for base models,
       0.02 for large ones and 0.01 on STS-B.
     eta: ``η > 0``, the floor of the weights' denominator (the paper: 1e-4; 5e-4 on RTE).
     seed: seed of the random directions.
+    perturb_every: perturb on every k-th step only (amortised steps, LookSAM);
+      ``None`` or ``1`` is the method itself. A ``rho`` schedule still reads the step count.
+    reuse_alpha: LookSAM's ``α >= 0`` for the steps between perturbing steps, or
+      ``None`` for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to the norm of the reweighted gradient.
     axis_name: per-device perturbation ("m-sharpness") inside ``shard_map``/``pmap``; see
       :func:`optax_sam.sharpness_aware`.
@@ -68,5 +78,11 @@ def delta_sam(
     >>> updates, state = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
     >>> params = optax.apply_updates(params, updates)
   """
-  return sharpness_aware(reweighted_ascent(rho, eta, seed, eps=eps), axis_name=axis_name,
-                         method="delta_sam")
+  perturb_every = amortisation_period(perturb_every, reuse_alpha)
+  perturbation = reweighted_ascent(every_kth_step(rho, perturb_every),
+                                   every_kth_step(eta, perturb_every), seed, eps=eps)
+  # The reweighted pass makes its own gradient at w: the clean one's values are unread,
+  # so the caller's clean backward pass compiles away.
+  return sharpness_aware(perturbation, perturb_every=perturb_every,
+                         reuse_alpha=reuse_alpha, reads_clean_gradient=False,
+                         axis_name=axis_name, method="delta_sam")

@@ -8,6 +8,8 @@ import optax
 
 from optax_sam.core import numerics
 from optax_sam.core import selection as selection_lib
+from optax_sam.core.sharpness import amortisation_period
+from optax_sam.core.sharpness import every_kth_step
 from optax_sam.core.sharpness import sharpness_aware
 from optax_sam.perturbations.fisher_mask import FisherEstimator
 from optax_sam.perturbations.fisher_mask import fisher_mask
@@ -23,6 +25,8 @@ def fsam(
     fisher_samples: int = 32,
     fisher_chunk_size: Optional[int] = 8,
     pool: Optional[selection_lib.Selection] = None,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -45,12 +49,17 @@ def fsam(
   Args:
     rho: radius ``ρ >= 0`` (constant or schedule).
     keep_ratio: fraction in ``(0, 1]`` of the pool that is perturbed.
-    mask_every: refresh period in steps, ``>= 1``.
+    mask_every: refresh period in steps, ``>= 1``. With ``perturb_every = k`` the mask
+      is refreshed on perturbing steps, every ``k ⌈mask_every / k⌉`` steps.
     fisher: ``"per_example"`` (empirical Fisher, the paper; default) or
       ``"squared_gradient"`` (``g²``, the authors' code).
     fisher_samples: examples of the batch used by the per-example estimator.
     fisher_chunk_size: examples per ``vmap`` chunk (bounds memory); ``None`` for all.
     pool: predicate on parameter paths or pytree of bools choosing the candidates.
+    perturb_every: perturb on every k-th step only (amortised steps, LookSAM);
+      ``None`` or ``1`` is the method itself. A ``rho`` schedule still reads the step count.
+    reuse_alpha: LookSAM's ``α >= 0`` for the steps between perturbing steps, or
+      ``None`` for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to ``‖g‖``.
     axis_name: per-device perturbation; see :func:`optax_sam.sharpness_aware`.
 
@@ -72,9 +81,13 @@ def fsam(
     >>> grads = jax.grad(lambda p: loss_fn(p).mean())(params)
     >>> updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
   """
+  perturb_every = amortisation_period(perturb_every, reuse_alpha)
+  numerics.check_positive_int("mask_every", mask_every)
   perturbation = optax.chain(
-      scale_to_radius(rho, eps=eps),
-      fisher_mask(keep_ratio, mask_every, fisher=fisher, fisher_samples=fisher_samples,
+      scale_to_radius(every_kth_step(rho, perturb_every), eps=eps),
+      # The mask's count advances on perturbing steps only.
+      fisher_mask(keep_ratio, -(-mask_every // perturb_every), fisher=fisher, fisher_samples=fisher_samples,
                   fisher_chunk_size=fisher_chunk_size, pool=pool),
   )
-  return sharpness_aware(perturbation, axis_name=axis_name, method="fsam")
+  return sharpness_aware(perturbation, perturb_every=perturb_every,
+                         reuse_alpha=reuse_alpha, axis_name=axis_name, method="fsam")

@@ -7,6 +7,8 @@ from typing import Optional
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core.sharpness import amortisation_period
+from optax_sam.core.sharpness import every_kth_step
 from optax_sam.core.sharpness import sharpness_aware
 from optax_sam.perturbations.gradient_strength import gradient_strength_ellipsoid
 
@@ -17,6 +19,8 @@ def gasam(
     beta: float = 0.99,
     max_scale: float = 10.0,
     ascent_steps: int = 1,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -39,9 +43,14 @@ def gasam(
 
   Args:
     rho: base radius ``ρ >= 0`` (constant or schedule); ``‖ε‖ <= max_scale · ρ``.
-    beta: EMA decay of ``g²`` in ``[0, 1)``.
+    beta: EMA decay of ``g²`` in ``[0, 1)``. With ``perturb_every > 1`` the average
+      is updated on perturbing steps only.
     max_scale: cap ``> 0`` on ``ŝ``.
     ascent_steps: ascent steps ``>= 1``; more than one needs ``loss_fn`` per step.
+    perturb_every: perturb on every k-th step only (amortised steps, LookSAM);
+      ``None`` or ``1`` is the method itself. A ``rho`` schedule still reads the step count.
+    reuse_alpha: LookSAM's ``α >= 0`` for the steps between perturbing steps, or
+      ``None`` for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to ``‖ŝ ⊙ g‖``.
     axis_name: per-device perturbation; see :func:`optax_sam.sharpness_aware`.
 
@@ -61,6 +70,8 @@ def gasam(
     >>> grads = jax.grad(lambda p: loss_fn(p).mean())(params)
     >>> updates, _ = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
   """
+  perturb_every = amortisation_period(perturb_every, reuse_alpha)
   perturbation = gradient_strength_ellipsoid(
-      rho, beta=beta, max_scale=max_scale, ascent_steps=ascent_steps, eps=eps)
-  return sharpness_aware(perturbation, axis_name=axis_name, method="gasam")
+      every_kth_step(rho, perturb_every), beta=beta, max_scale=max_scale, ascent_steps=ascent_steps, eps=eps)
+  return sharpness_aware(perturbation, perturb_every=perturb_every,
+                         reuse_alpha=reuse_alpha, axis_name=axis_name, method="gasam")

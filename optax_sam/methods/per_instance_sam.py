@@ -15,13 +15,16 @@ from optax_sam.fisher import per_example
 
 
 class PerInstanceSAMState(NamedTuple):
-  count: jax.Array  # steps taken, for a ρ schedule
+  count: jax.Array  # steps taken: for a ρ schedule and the perturbing steps
+  orthogonal: Any  # LookSAM's g_v (see optax_sam.SharpnessAwareState), or ()
 
 
 def per_instance_sam(
     rho: numerics.ScalarOrSchedule = 0.05,
     *,
     chunk_size: Optional[int] = None,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -42,9 +45,9 @@ def per_instance_sam(
   unbatched within what a chunk can vectorise (the paper measured about 7× δ-SAM's wall
   time). With any other ``loss_fn`` each example costs two forward and two backward
   passes of the *whole batch* (``loss_fn(p)[i]``). The incoming clean gradient's values
-  are not used, except that a non-finite one makes the output non-finite (for
-  ``optax.apply_if_finite``), as in :func:`optax_sam.sharpness_aware`. Extra state: a
-  step count.
+  are not read (unless ``perturb_every > 1``), so under ``jax.jit`` XLA drops the
+  caller's backward pass that made it; a non-finite gradient of an example shows in
+  the output by itself. Extra state: a step count (and LookSAM's ``g_v``).
 
   Many devices: under ``jax.jit`` with the batch sharded, nothing changes. Inside
   ``shard_map``, pass ``axis_name``: each device then handles its own examples and the
@@ -57,6 +60,10 @@ def per_instance_sam(
     rho: radius ``ρ >= 0`` of each example's perturbation (constant or schedule).
     chunk_size: examples per ``vmap`` chunk, ``>= 1``; ``None`` for the whole batch at
       once (fastest, memory linear in the batch).
+    perturb_every: perturb on every k-th step only (amortised steps); ``None`` or
+      ``1`` is the method itself. See :func:`optax_sam.sharpness_aware`.
+    reuse_alpha: LookSAM's ``α`` for the steps between perturbing steps, or ``None``
+      for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to each per-example gradient norm (float32).
     axis_name: the ``shard_map``/``pmap`` axis of a training step that runs per device;
       ``loss_fn`` then holds this device's examples. See above.
@@ -86,11 +93,14 @@ def per_instance_sam(
   numerics.check_range("eps", eps, low=0.0, low_inclusive=False)
   if chunk_size is not None:
     numerics.check_positive_int("chunk_size", chunk_size)
+  perturb_every = sharpness.amortisation_period(perturb_every, reuse_alpha)
   method = "per_instance_sam"
 
   def init_fn(params: optax.Params) -> PerInstanceSAMState:
-    del params
-    return PerInstanceSAMState(count=jnp.zeros((), jnp.int32))
+    return PerInstanceSAMState(
+        count=jnp.zeros((), jnp.int32),
+        orthogonal=sharpness.init_orthogonal(
+            params, reuse_alpha is not None and perturb_every > 1))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, example_mask=None,
                 **extra_args):
@@ -110,12 +120,19 @@ def per_instance_sam(
           lambda w, g: w + (g.astype(jnp.float32) * factor).astype(w.dtype), p, gradient)
       return jax.grad(example_loss)(perturbed)
 
-    total = per_example.sum_over_examples(
-        perturbed_gradient, loss_fn, params, chunk_size=chunk_size,
-        example_mask=example_mask, method=method)
-    count = loss_lib.example_count(example_mask, batch_size)
-    descent = jax.tree.map(lambda t: t / count, total)
+    def perturbed_step(clean, inner_state, params):
+      del clean  # only its dtypes are used, by finish_descent
+      total = per_example.sum_over_examples(
+          perturbed_gradient, loss_fn, params, chunk_size=chunk_size,
+          example_mask=example_mask, method=method)
+      count = loss_lib.example_count(example_mask, batch_size)
+      return jax.tree.map(lambda t: t / count, total), inner_state
+
+    descent, _, orthogonal = sharpness.amortised(
+        perturbed_step, updates, (), params, state.count, state.orthogonal,
+        perturb_every=perturb_every, reuse_alpha=reuse_alpha)
     descent = sharpness.finish_descent(descent, updates, axis_name=axis_name)
-    return descent, PerInstanceSAMState(count=optax.safe_increment(state.count))
+    return descent, PerInstanceSAMState(count=optax.safe_increment(state.count),
+                                        orthogonal=orthogonal)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,6 +7,8 @@ from typing import Optional
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core.sharpness import amortisation_period
+from optax_sam.core.sharpness import every_kth_step
 from optax_sam.core.sharpness import sharpness_aware
 from optax_sam.perturbations.radius import scale_to_radius
 
@@ -14,6 +16,8 @@ from optax_sam.perturbations.radius import scale_to_radius
 def sam(
     rho: numerics.ScalarOrSchedule = 0.05,
     *,
+    perturb_every: Optional[int] = None,
+    reuse_alpha: Optional[float] = None,
     eps: float = numerics.NORM_EPS,
     axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -26,6 +30,10 @@ def sam(
   Args:
     rho: neighbourhood radius ``ρ >= 0`` (a constant or a schedule); ``ρ = 0`` gives the
       base optimizer's step.
+    perturb_every: perturb on every k-th step only (amortised steps, LookSAM);
+      ``None`` or ``1`` is the method itself. A ``rho`` schedule still reads the step count.
+    reuse_alpha: LookSAM's ``α >= 0`` for the steps between perturbing steps, or
+      ``None`` for the clean gradient there. See :func:`optax_sam.sharpness_aware`.
     eps: ``δ > 0`` added to the gradient norm (float32).
     axis_name: per-device perturbation ("m-sharpness") inside ``shard_map``/``pmap``; see
       :func:`optax_sam.sharpness_aware`.
@@ -47,4 +55,7 @@ def sam(
     >>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
     >>> params = optax.apply_updates(params, updates)
   """
-  return sharpness_aware(scale_to_radius(rho, eps=eps), axis_name=axis_name, method="sam")
+  perturb_every = amortisation_period(perturb_every, reuse_alpha)
+  return sharpness_aware(scale_to_radius(every_kth_step(rho, perturb_every), eps=eps),
+                         perturb_every=perturb_every, reuse_alpha=reuse_alpha,
+                         axis_name=axis_name, method="sam")
