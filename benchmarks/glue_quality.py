@@ -437,7 +437,8 @@ def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
   bar = None
   if progress and pending:
     import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=len(pending), desc=f"{experiment.name} runs", unit="run")
+    bar = tqdm.tqdm(total=len(pending), desc=f"{experiment.name} runs", unit="run",
+                    disable=None)
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     futures = {pool.submit(_train_and_measure, run, run.folder(root), experiment, trainer,
                            measurer): run for run in pending}

@@ -275,7 +275,8 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     (["--task", "rte", "--batch-size", "12"], "--batch-size 12 is not divisible by the 8 "
                                               "devices it is sharded over"),
     (["--epochs", "1"], "the following arguments are required: --task"),
-    (["--task", "rte", "--adam-beta2", "1"], "--adam-beta2 must be in (0, 1), got 1.0"),
+    (["--task", "rte", "--adam-beta2", "1"],
+     "argument --adam-beta2: expected a number in (0, 1), got '1'"),
 ])
 def test_usage_errors_are_one_line_with_exit_status_2(argv, message, tiny_model, tmp_path,
                                                       capsys):

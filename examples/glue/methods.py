@@ -19,6 +19,7 @@ import optax
 import tqdm
 
 import optax_sam
+from examples.glue import flags
 
 # DPS's, Mixout's and Child-Tuning's scope in their papers: the weight matrices of the
 # encoder's dense layers (embeddings, LayerNorms, biases and the classifier update
@@ -48,23 +49,29 @@ class Hyperparameter:
 
 
 HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
-    Hyperparameter("--rho", float, "perturbation radius (SAM family)"),
-    Hyperparameter("--eta", float, "ASAM's eta in T = |w| + eta; delta-SAM's weight floor"),
-    Hyperparameter("--keep-ratio", float,
+    Hyperparameter("--rho", flags.finite_float, "perturbation radius (SAM family)"),
+    Hyperparameter("--eta", flags.finite_float,
+                   "ASAM's eta in T = |w| + eta; delta-SAM's weight floor"),
+    Hyperparameter("--keep-ratio", flags.finite_float,
                    "FSAM: fraction of the pool perturbed; Child-Tuning_D: fraction kept"),
     Hyperparameter("--mask-every", int, "FSAM: steps between Fisher mask refreshes"),
     Hyperparameter("--fisher", str, "FSAM: Fisher estimator",
                    choices=("per_example", "squared_gradient")),
     Hyperparameter("--fisher-samples", int, "FSAM: examples in the per-example Fisher"),
     Hyperparameter("--fisher-chunk-size", int, "FSAM: examples per vmap chunk"),
-    Hyperparameter("--beta", float, "GA-SAM: EMA decay of the squared gradient"),
-    Hyperparameter("--max-scale", float, "GA-SAM: cap on the relative strength"),
+    Hyperparameter("--beta", flags.finite_float,
+                   "GA-SAM: EMA decay of the squared gradient"),
+    Hyperparameter("--max-scale", flags.finite_float,
+                   "GA-SAM: cap on the relative strength"),
     Hyperparameter("--ascent-steps", int, "GA-SAM: ascent steps"),
     Hyperparameter("--chunk-size", int, "per-instance SAM: examples per vmap chunk"),
-    Hyperparameter("--update-ratio", float, "DPS: stage length as a fraction of all steps"),
-    Hyperparameter("--exclude-ratio", float, "DPS: fraction of each matrix left out"),
-    Hyperparameter("--p-keep", float, "Child-Tuning_F: probability of keeping an entry"),
-    Hyperparameter("--mixout-p", float,
+    Hyperparameter("--update-ratio", flags.finite_float,
+                   "DPS: stage length as a fraction of all steps"),
+    Hyperparameter("--exclude-ratio", flags.finite_float,
+                   "DPS: fraction of each matrix left out"),
+    Hyperparameter("--p-keep", flags.finite_float,
+                   "Child-Tuning_F: probability of keeping an entry"),
+    Hyperparameter("--mixout-p", flags.finite_float,
                    "Mixout, DPS-Mix: probability of mixing a neuron back to its target"),
 )
 

@@ -288,7 +288,10 @@ def save_pretrained(folder: str | pathlib.Path, params: Any,
     value = np.asarray(value)
     tensors[name if path[0] == "classifier" else prefix + name] = np.ascontiguousarray(
         value.T if transposed else value)
-  safetensors.numpy.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+  # Through Python's own write, so the file gets the umask's mode like its siblings
+  # (safetensors' save_file creates it 0600).
+  (folder / WEIGHTS_FILE).write_bytes(
+      safetensors.numpy.save(tensors, metadata={"format": "pt"}))
   config = dict(hf_config)
   if "classifier" in params:
     num_labels = params["classifier"]["bias"].shape[0]

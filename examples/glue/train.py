@@ -9,9 +9,15 @@ continues to the same final parameters as an uninterrupted run. The fine-tuned m
 written to ``<output-dir>/model`` as a Hugging Face folder. The batch is sharded over all
 local devices (data parallelism); parameters are replicated.
 
-Exit status: 0 on success (also after ``--stop-after-epoch``); 2 for bad usage or input
-(unknown task or method, malformed data file, missing model file), with one line
-``error: ...`` on stderr; anything else is a bug and prints a traceback.
+A fresh run refuses an ``--output-dir`` that holds another run unless ``--overwrite``
+is given (``--resume`` continues it instead). A training loss or parameters that become
+non-finite stop the run; the checkpoint of the last finished epoch is kept.
+
+Exit status: 0 on success (also after ``--stop-after-epoch``, or when ``--resume`` finds
+the run finished); 2 for bad usage or input (unknown task or method, a number that is not
+finite or out of range, malformed data file, missing model file, unusable output folder or
+checkpoint) and for a diverged run, with one line ``error: ...`` on stderr; anything else
+is a bug and prints a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -36,6 +43,7 @@ import tqdm
 
 import optax_sam
 from examples.glue import data
+from examples.glue import flags
 from examples.glue import methods
 from examples.glue import metrics
 from examples.glue import model as model_lib
@@ -45,17 +53,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Arguments that may differ between an interrupted run and its resumption.
-_RESUME_FREE_ARGS = ("resume", "stop_after_epoch", "output_dir", "log_every")
+_RESUME_FREE_ARGS = ("resume", "overwrite", "stop_after_epoch", "output_dir", "log_every")
+LOG_FILE, SETTINGS_FILE, CURVES_FILE = "log.jsonl", "run_config.json", "curves.png"
+CHECKPOINT_FILE, MODEL_FOLDER = "checkpoint.msgpack", "model"
+# What a run writes into its output folder, the checkpoint first: starting over removes
+# that before anything else, so no later step can pair an old state with new settings.
+RUN_FILES = (CHECKPOINT_FILE, MODEL_FOLDER, CURVES_FILE, LOG_FILE, SETTINGS_FILE)
 
 
 class UsageError(ValueError):
   """A request the command cannot carry out (reported as ``error: ...``, exit 2)."""
 
 
-def _positive_int(text: str) -> int:
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return int(text)
+class DivergedError(RuntimeError):
+  """The training loss or the parameters became non-finite (``error: ...``, exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,36 +86,44 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       "all-MiniLM-L6-v2)")
   parser.add_argument("--glue-dir", help="glue_data folder (default: $GLUE_DIR, else the "
                       "Hugging Face hub)")
-  parser.add_argument("--train-size", type=_positive_int,
+  parser.add_argument("--train-size", type=flags.positive_int,
                       help="stratified subsample of the training set")
-  parser.add_argument("--epochs", type=_positive_int, default=3)
-  parser.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
-  parser.add_argument("--batch-size", type=_positive_int, default=32)
-  parser.add_argument("--max-length", type=_positive_int, default=128,
+  parser.add_argument("--epochs", type=flags.positive_int, default=3)
+  parser.add_argument("--max-steps", type=flags.positive_int, help="stop after this many steps")
+  parser.add_argument("--batch-size", type=flags.positive_int, default=32)
+  parser.add_argument("--max-length", type=flags.positive_int, default=128,
                       help="tokens per example")
-  parser.add_argument("--pad-to-multiple-of", type=_positive_int, default=32,
+  parser.add_argument("--pad-to-multiple-of", type=flags.positive_int, default=32,
                       help="batches are padded to a multiple of this many tokens (each "
                       "new length compiles the step once; smaller wastes less on padding)")
-  parser.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-  parser.add_argument("--warmup-ratio", type=float, default=0.06)
-  parser.add_argument("--weight-decay", type=float, default=0.01)
-  parser.add_argument("--adam-beta2", type=float, default=0.999,
-                      help="AdamW's second-moment decay, in (0, 1)")
-  parser.add_argument("--max-grad-norm", type=float, default=1.0,
+  parser.add_argument("--lr", type=flags.float_in(0, low_open=True), default=2e-5,
+                      help="peak learning rate, > 0")
+  parser.add_argument("--warmup-ratio", type=flags.float_in(0, 1, high_open=True),
+                      default=0.06, help="fraction of the steps spent warming up, in [0, 1)")
+  parser.add_argument("--weight-decay", type=flags.float_in(0), default=0.01)
+  parser.add_argument("--adam-beta2", type=flags.float_in(0, 1, low_open=True,
+                                                          high_open=True),
+                      default=0.999, help="AdamW's second-moment decay, in (0, 1)")
+  parser.add_argument("--max-grad-norm", type=flags.float_in(0), default=1.0,
                       help="global-norm clipping; 0 disables")
-  parser.add_argument("--dropout", type=float, help="override the model's dropout")
+  parser.add_argument("--dropout", type=flags.float_in(0, 1, high_open=True),
+                      help="override the model's dropout, in [0, 1)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-seed", type=int,
                       help="seeds the --train-size subsample (default: --seed); fix it to "
                       "train every seed on the same examples")
-  parser.add_argument("--num-devices", type=_positive_int,
+  parser.add_argument("--num-devices", type=flags.positive_int,
                       help="devices to shard the batch over (default: all local devices)")
   parser.add_argument("--output-dir", help="default: runs/<task>-<method>-<seed>")
   parser.add_argument("--resume", action="store_true",
-                      help="continue from the checkpoint in --output-dir, if any")
-  parser.add_argument("--stop-after-epoch", type=_positive_int,
+                      help="continue the run in --output-dir from its checkpoint, if any "
+                      "(a finished run is reported, not repeated)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="start afresh in an --output-dir that holds another run, "
+                      "deleting that run (without it, such a folder is refused)")
+  parser.add_argument("--stop-after-epoch", type=flags.positive_int,
                       help="exit after checkpointing this epoch (resume later)")
-  parser.add_argument("--log-every", type=_positive_int, default=10,
+  parser.add_argument("--log-every", type=flags.positive_int, default=10,
                       help="steps per loss record")
   methods.add_flags(parser)
   return parser.parse_args(argv)
@@ -228,28 +247,67 @@ def save_checkpoint(path: pathlib.Path, state: TrainState, next_epoch: int) -> N
 
 
 def restore_checkpoint(path: pathlib.Path, template: TrainState) -> tuple[TrainState, int]:
-  """Reads a checkpoint written by ``save_checkpoint`` into ``template``'s structure."""
-  restored = flax.serialization.from_bytes({"state": template, "next_epoch": 0},
-                                           path.read_bytes())
-  return restored["state"], int(restored["next_epoch"])
+  """Reads a checkpoint written by ``save_checkpoint`` into ``template``'s structure.
+
+  Raises:
+    UsageError: if the file cannot be read or does not hold such a state.
+  """
+  try:
+    restored = flax.serialization.from_bytes({"state": template, "next_epoch": 0},
+                                             path.read_bytes())
+    return restored["state"], int(restored["next_epoch"])
+  except Exception as error:  # pylint: disable=broad-except  # msgpack raises many kinds.
+    raise UsageError(f"cannot resume from {path}: not a readable checkpoint of this run "
+                     f"({type(error).__name__}); start afresh with --overwrite") from None
+
+
+def _json_safe(value: Any) -> Any:
+  """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+  if isinstance(value, dict):
+    return {key: _json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(item) for item in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 def append_log(path: pathlib.Path, record: dict[str, Any]) -> None:
-  """Appends one JSON line."""
+  """Appends one line of strict JSON (non-finite numbers are written as ``null``)."""
   with open(path, "a", encoding="utf-8") as log:
-    log.write(json.dumps(record) + "\n")
+    log.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+
+
+def read_log(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The records of a run's log; a half-written last line (an interrupted write) is dropped.
+
+  Raises:
+    UsageError: if the log is missing or a line before the last is not JSON.
+  """
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as error:
+    raise UsageError(f"cannot resume: cannot read the run's log {path} ({error})") from None
+  records = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise UsageError(f"cannot resume: {path}, line {number} is not JSON") from None
+  return records
 
 
 def truncate_log(path: pathlib.Path, step: int) -> None:
   """Drops the records an interrupted run wrote after its checkpoint at ``step``."""
-  records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-  kept = [r for r in records if r["event"] != "final" and r.get("step", 0) <= step]
-  path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+  kept = [r for r in read_log(path) if r["event"] != "final" and r.get("step", 0) <= step]
+  path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept),
+                  encoding="utf-8")
 
 
 def plot_curves(log_path: pathlib.Path, image_path: pathlib.Path) -> None:
   """Plots the training loss and the dev metrics of a JSON-lines log against steps."""
-  records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
+  records = read_log(log_path)
   train = [r for r in records if r["event"] == "train"]
   evals = [r for r in records if r["event"] == "eval"]
   figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -266,12 +324,55 @@ def plot_curves(log_path: pathlib.Path, image_path: pathlib.Path) -> None:
 
 
 def _check_resumable(config_path: pathlib.Path, run_config: dict[str, Any]) -> None:
-  saved = json.loads(config_path.read_text(encoding="utf-8"))
+  try:
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise UsageError(f"cannot resume: the run's settings {config_path} are missing or "
+                     f"unreadable ({type(error).__name__}); start afresh with "
+                     "--overwrite") from None
   changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
   if changed:
     details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
     raise UsageError(f"--resume with different settings than the checkpointed run "
                      f"({details})")
+
+
+def prepare_output_dir(output_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+  """Creates ``output_dir`` if needed; refuses to start afresh over another run.
+
+  Raises:
+    UsageError: if the folder cannot be created or written, or holds a run that neither
+      ``resume`` nor ``overwrite`` says what to do with.
+  """
+  try:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = output_dir / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as error:
+    raise UsageError(f"--output-dir {output_dir}: cannot write there "
+                     f"({error.strerror or error})") from None
+  used = [name for name in RUN_FILES if (output_dir / name).exists()]
+  if used and not (resume or overwrite):
+    raise UsageError(f"--output-dir {output_dir} holds another run ({', '.join(used)}): "
+                     "continue it with --resume, or replace it with --overwrite")
+
+
+def remove_run(output_dir: pathlib.Path) -> None:
+  """Deletes what an earlier run wrote in ``output_dir``, its checkpoint first."""
+  for name in RUN_FILES:
+    path = output_dir / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink(missing_ok=True)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every entry of every floating-point leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def select_method(args: argparse.Namespace) -> tuple[methods.Method, dict[str, Any]]:
@@ -306,9 +407,19 @@ def select_devices(num_devices: Optional[int], batch_size: int) -> list[jax.Devi
   return devices
 
 
-def format_metrics(values: dict[str, float]) -> str:
-  """``name=value`` pairs for a summary line."""
-  return " ".join(f"{name}={value:.4f}" for name, value in values.items())
+def format_metrics(values: dict[str, Optional[float]]) -> str:
+  """``name=value`` pairs for a summary line (``None``, a logged non-finite value: nan)."""
+  return " ".join(f"{name}={math.nan if value is None else value:.4f}"
+                  for name, value in values.items())
+
+
+def diverged(what: str, step: int, checkpoint_path: pathlib.Path,
+             last_good_epoch: int) -> DivergedError:
+  """The error that stops a run whose loss or parameters became non-finite."""
+  kept = (f"the checkpoint of epoch {last_good_epoch} is kept in {checkpoint_path}"
+          if last_good_epoch else "no epoch had finished, so there is no checkpoint")
+  return DivergedError(f"{what} became non-finite by step {step}; stopped ({kept}). "
+                       "A lower --lr or --rho, or --max-grad-norm, may help")
 
 
 def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
@@ -327,12 +438,9 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   task = data.get_task(args.task)
   method, hyperparameters = select_method(args)
   devices = select_devices(args.num_devices, args.batch_size)
-  if not 0 <= args.warmup_ratio < 1:
-    raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-  if not 0 < args.adam_beta2 < 1:
-    raise UsageError(f"--adam-beta2 must be in (0, 1), got {args.adam_beta2}")
   output_dir = pathlib.Path(args.output_dir
                             or f"runs/{task.name}-{method.name}-{args.seed}")
+  prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
 
   # Model and data.
   model_dir = args.model or pretrained.default_model_dir()
@@ -377,19 +485,26 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                      opt_state=tx.init(initial.params),
                      dropout_key=jax.random.PRNGKey(args.seed))
 
-  # Output folder: resume or start afresh.
-  output_dir.mkdir(parents=True, exist_ok=True)
-  log_path, config_path = output_dir / "log.jsonl", output_dir / "run_config.json"
-  checkpoint_path = output_dir / "checkpoint.msgpack"
+  # Output folder: resume, report a finished run, or start afresh.
+  log_path, config_path = output_dir / LOG_FILE, output_dir / SETTINGS_FILE
+  checkpoint_path = output_dir / CHECKPOINT_FILE
   run_config = {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_FREE_ARGS}
   first_epoch = 0
-  if args.resume and checkpoint_path.is_file():
+  finished = args.resume and log_path.is_file() and [
+      r for r in read_log(log_path) if r["event"] == "final"]
+  if finished:
+    _check_resumable(config_path, run_config)
+    print(f"already finished: {output_dir}, dev {format_metrics(finished[-1]['metrics'])}")
+    return finished[-1]["metrics"]
+  if args.resume and checkpoint_path.exists():
     _check_resumable(config_path, run_config)
     state, first_epoch = restore_checkpoint(checkpoint_path, state)
     truncate_log(log_path, int(state.step))
     print(f"resuming {output_dir} after epoch {first_epoch}, step {int(state.step)}")
   else:
-    log_path.unlink(missing_ok=True)
+    if args.resume and config_path.exists():  # Interrupted before its first checkpoint.
+      _check_resumable(config_path, run_config)
+    remove_run(output_dir)
     config_path.write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
     append_log(log_path, {"event": "start", "task": task.name, "method": method.name,
                           "hyperparameters": hyperparameters, "devices": len(devices),
@@ -416,6 +531,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
         lambda batch: predict(state.params, jax.device_put(batch, batch_sharding)),
         dev_set, task, args.batch_size, multiple)
 
+  params_finite = jax.jit(all_finite)
   dev_metrics = None
   step = int(state.step)
   progress = tqdm.tqdm(total=total_steps, initial=step, desc=f"{task.name} {method.name}",
@@ -432,9 +548,15 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
       if len(losses) == args.log_every or step == total_steps:
         mean_loss = float(np.mean(jax.device_get(losses)))
         losses = []
+        if not math.isfinite(mean_loss):
+          progress.close()
+          raise diverged(f"the training loss ({mean_loss})", step, checkpoint_path, epoch)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
         append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step,
                               "loss": mean_loss, "time": time.time() - started})
+    if not params_finite(state.params):
+      progress.close()
+      raise diverged("the parameters", step, checkpoint_path, epoch)
     dev_metrics = evaluate_dev()
     progress.write(f"epoch {epoch + 1}/{num_epochs} (step {step}): dev "
                    f"{format_metrics(dev_metrics)}")
@@ -466,7 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   try:
     train(args)
-  except (UsageError, data.DataError, pretrained.PretrainedModelError) as error:
+  except (UsageError, DivergedError, data.DataError,
+          pretrained.PretrainedModelError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0
