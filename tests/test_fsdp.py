@@ -19,6 +19,9 @@ state types stable under ``lax.cond``) are ported here for every method, as is
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +236,16 @@ def test_per_example_loss_under_fsdp(axis_type):
   if axis_type == "Explicit":
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded)):
       assert spec_of(g) == spec_of(p)
+
+
+def test_parameter_shaped_arrays_are_built_from_the_parameter():
+  """The kind of bug, not its instances: outside ``core/placement.py`` the library never
+  builds an array from a parameter's shape (which drops the parameter's sharding)."""
+  root = pathlib.Path(optax_sam.__file__).parent
+  from_shape = re.compile(r"(jnp\.(zeros|ones|full|empty)|jax\.random\.\w+)\("
+                          r"[^)]*(jnp\.shape\(|\w\.shape\b)")
+  found = [f"{path.relative_to(root)}:{number}: {line.strip()}"
+           for path in sorted(root.rglob("*.py")) if path.name != "placement.py"
+           for number, line in enumerate(path.read_text().splitlines(), start=1)
+           if from_shape.search(line) and ">>>" not in line]
+  assert not found, "use optax_sam.core.placement:\n" + "\n".join(found)

@@ -363,7 +363,7 @@ def prepare_output_dir(output_dir: pathlib.Path, *, resume: bool, overwrite: boo
   """
   try:
     output_dir.mkdir(parents=True, exist_ok=True)
-    probe = output_dir / ".write-test"
+    probe = output_dir / f".write-test-{jax.process_index()}"
     probe.write_bytes(b"")
     probe.unlink()
   except OSError as error:
@@ -474,6 +474,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   output_dir = pathlib.Path(args.output_dir
                             or f"runs/{task.name}-{method.name}-{args.seed}")
   prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+  distributed.barrier("output folder checked")  # before process 0 writes into it
 
   # Model and data.
   model_dir = args.model or pretrained.default_model_dir()
