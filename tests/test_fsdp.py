@@ -194,10 +194,19 @@ def test_state_types_stable_and_eager_update_on_make_mesh(method):
   tx = optimizer(method)
   make_loss_fn = loss_fn_for(method)
   mesh = jax.make_mesh((DATA, FSDP), ("data", "fsdp"))
+  # Outside a mesh context too, init places the per-parameter state where the parameters
+  # are (scalars such as step counts stay on the default device there).
+  outside = tx.init(jax.device_put(params, param_sharding(mesh)))
   with jax.set_mesh(mesh):
     params = jax.device_put(params, param_sharding(mesh))
     batch = jax.device_put(batch, batch_sharding(mesh))
     state = tx.init(params)
+  sharded = [(x, y) for x, y in zip(jax.tree.leaves(outside), jax.tree.leaves(state))
+             if not y.sharding.is_fully_replicated]
+  assert sharded, method.id
+  for x, y in sharded:
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), method.id
+  with jax.set_mesh(mesh):
     loss_fn = make_loss_fn(batch)
     seen = loss_fn if method.params_transform is None else (
         lambda p: loss_fn(method.params_transform(p, state)))

@@ -53,6 +53,10 @@ def out_sharding(like: Any, shape: Optional[tuple[int, ...]] = None):
 
   ``shape`` must keep ``like``'s leading axes, or set them to 1 (a per-neuron draw).
   """
+  if not isinstance(like, jax.core.Tracer):
+    # Eagerly, an explicit out_sharding needs a mesh context; place_like moves the
+    # result instead.
+    return None
   sharding = explicit_sharding(like)
   if sharding is None:
     return None
