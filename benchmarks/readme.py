@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # pylint: disable=wrong-import-position
+from benchmarks import glue_quality  # pylint: disable=wrong-import-position
 from benchmarks import step_cost_report  # pylint: disable=wrong-import-position
 
 README = common.ROOT / "benchmarks" / "README.md"
@@ -109,6 +110,16 @@ def step_cost_goals(kind: str, repeats: Sequence[str]) -> str:
 
 
 # Region name -> its Markdown, from committed files.
+def glue_quality_scores(experiment: str) -> str:
+  """The scores table of ``results/glue_quality/<experiment>/summary.json``."""
+  summary = _load(common.RESULTS / "glue_quality" / experiment / "summary.json")
+  counts = summary["counts"]
+  return (glue_quality.scores_table(summary) + f"\n\n{counts['results']} of "
+          f"{counts['planned']} planned runs finished; trivial scores: "
+          + ", ".join(f"{t} {v:.1f}" for t, v in summary.get("trivial_scores", {}).items())
+          + ".\n")
+
+
 REGIONS: dict[str, Callable[[], str]] = {
     "step-cost cpu-2core": functools.partial(step_cost_rows, "cpu-2core"),
     "step-cost-goals cpu-2core": functools.partial(

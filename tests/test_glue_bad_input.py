@@ -166,6 +166,13 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tiny_model, tm
                _final_params(tmp_path / "run"))
 
 
+def test_more_training_examples_than_the_task_has_is_refused(tiny_model, tmp_path, capsys):
+  status, error = _status_and_error(_argv(tiny_model, tmp_path, "--train-size", "700"),
+                                    capsys)
+  _assert_one_error(status, error, "--train-size 700 exceeds the 635 training examples "
+                    "of wnli")
+
+
 # Kind 4: an unusable output folder or checkpoint.
 
 

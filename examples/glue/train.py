@@ -490,8 +490,12 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                      f"{multiple}) exceeds the model's {positions} positions")
   glue_dir = args.glue_dir or os.environ.get("GLUE_DIR")
   data_seed = args.seed if args.data_seed is None else args.data_seed
-  train_split = data.stratified_subsample(data.load_split(task, "train", glue_dir),
-                                          args.train_size, data_seed, task.is_regression)
+  full_train_split = data.load_split(task, "train", glue_dir)
+  if args.train_size is not None and args.train_size > len(full_train_split):
+    raise UsageError(f"--train-size {args.train_size} exceeds the "
+                     f"{len(full_train_split)} training examples of {task.name}")
+  train_split = data.stratified_subsample(full_train_split, args.train_size, data_seed,
+                                          task.is_regression)
   train_set = data.encode(train_split, tokenizer, args.max_length)
   dev_set = data.encode(data.load_split(task, "dev", glue_dir), tokenizer,
                         args.max_length)
