@@ -15,8 +15,9 @@ folder> --resume`` in a subprocess; when it ends its dev metrics (the final epoc
 headline; the best epoch's beside it, labelled) go to ``<run folder>/result.json``, with,
 for experiments that measure it, the flatness of the final parameters
 (``benchmarks/flatness.py``: top Hessian eigenvalue, sharpness, training loss on fixed
-training examples). The checkpoint and the saved model are then deleted
-(``--keep-models`` keeps them) and, with ``--commit``, the run folder is committed. The
+training examples). The saved model is then deleted (``--keep-models`` keeps it; the
+training command deletes its own checkpoint when the run ends) and, with ``--commit``,
+the run folder is committed. The
 script is resumable: a run whose ``result.json`` exists is skipped, an interrupted run
 continues from its last epoch.
 
@@ -506,7 +507,6 @@ def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
       common.write_json(folder / RESULT_FILE, result)
       if not keep_models:
         shutil.rmtree(folder / "model", ignore_errors=True)
-        (folder / "checkpoint.msgpack").unlink(missing_ok=True)
       if commit:
         commit_run(folder, f"{experiment.name}: {run.name} ({_headline(result)})")
       results.append(result)
@@ -820,7 +820,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--output-dir",
                       help="default: benchmarks/results/glue_quality/<experiment>")
   parser.add_argument("--keep-models", action="store_true",
-                      help="keep each run's checkpoint and saved model")
+                      help="keep each run's exported model (its training checkpoint is "
+                      "deleted by the training command once the run ends)")
   parser.add_argument("--parallel", type=int, default=1,
                       help="training runs at a time (an accelerator shared by several; "
                       "each gets 1/N of its memory)")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 ScalarLoss = Callable[[Any], jax.Array]
 
@@ -120,7 +121,7 @@ def hessian_top_eigenvalue(loss: ScalarLoss, params: Any, key: jax.Array, *,
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   start = jax.tree.unflatten(treedef, [
-      jax.random.normal(k, jnp.shape(x), jnp.float32).astype(jnp.asarray(x).dtype)
+      placement.normal_like(k, x).astype(jnp.asarray(x).dtype)
       for k, x in zip(keys, leaves)])
   start = _combine(start, jax.lax.rsqrt(_dot(start, start)), start, 0.0)
 

@@ -7,6 +7,7 @@ or in a correct result.
 import json
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 import sys
@@ -72,10 +73,10 @@ def test_an_interrupted_overwrite_never_resumes_the_old_runs_state(tiny_model, t
     raise KeyboardInterrupt
 
   with monkeypatch.context() as patch:
-    patch.setattr(train, "save_checkpoint", interrupted)
+    patch.setattr(train.checkpoints_lib.Checkpoints, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
       train.main(_argv(tiny_model, tmp_path / "a", *b_flags, "--overwrite"))
-  assert not any((tmp_path / "a").glob("checkpoint*"))
+  assert train.checkpoints_lib.latest_epoch(tmp_path / "a" / train.CHECKPOINT_FILE) is None
   assert train.main(_argv(tiny_model, tmp_path / "a", *b_flags, "--resume")) == 0
   assert _log(tmp_path / "a")[0]["event"] == "start"
   assert [r["step"] for r in _log(tmp_path / "a") if r["event"] == "train"] == list(
@@ -210,11 +211,15 @@ def test_resume_with_a_corrupt_checkpoint_is_refused(tiny_model, tmp_path, capsy
 def test_resume_with_damaged_settings_or_log_is_refused(damage, expected, tiny_model,
                                                         tmp_path, capsys):
   resume = _interrupted_run(tiny_model, tmp_path)
-  settings, log = tmp_path / train.SETTINGS_FILE, tmp_path / train.LOG_FILE
+  # The settings checked on resume are those saved inside the checkpoint, with the state.
+  settings = tmp_path / train.CHECKPOINT_FILE / "1" / "settings"
+  log = tmp_path / train.LOG_FILE
   if damage == "delete_settings":
-    settings.unlink()
+    shutil.rmtree(settings)
   elif damage == "half_write_settings":
-    settings.write_text(settings.read_text()[:40])
+    for path in settings.rglob("*"):
+      if path.is_file():
+        path.write_text(path.read_text()[:40])
   elif damage == "delete_log":
     log.unlink()
   else:

@@ -80,7 +80,8 @@ def test_dev_evaluation_and_the_exported_model_use_the_raw_weights(tiny_model, t
     return evaluate(predict, encoded, task, batch_size, pad_to_multiple_of)
 
   monkeypatch.setattr(train.metrics, "evaluate", recording)
-  _run(tiny_model, tmp_path, "--method", "mixout", "--mixout-p", "0.5", "--lr", "1e-2")
+  _run(tiny_model, tmp_path, "--method", "mixout", "--mixout-p", "0.5", "--lr", "1e-2",
+       "--keep-checkpoint")
   exported = _final_params(tmp_path)
 
   # The checkpointed state: the raw weights and the optimizer state that mixes them.
@@ -93,7 +94,12 @@ def test_dev_evaluation_and_the_exported_model_use_the_raw_weights(tiny_model, t
   template = train.TrainState(step=jnp.zeros((), jnp.int32), params=pretrained.params,
                               opt_state=tx.init(pretrained.params),
                               dropout_key=jax.random.PRNGKey(0))
-  state, _ = train.restore_checkpoint(tmp_path / "checkpoint.msgpack", template)
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  checkpoints = train.checkpoints_lib.Checkpoints(tmp_path / train.CHECKPOINT_FILE)
+  state, _, _ = checkpoints.restore(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x),
+                                     sharding=on_one_device), template))
+  checkpoints.close()
   jax.tree.map(np.testing.assert_array_equal, exported, state.params)
 
   model = model_lib.SequenceClassifier(pretrained.config, 2)

@@ -42,7 +42,6 @@ def _fake_trainer(scores, calls):
     calls.append((run.task, run.label, run.seed))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model").mkdir()
-    (folder / "checkpoint.msgpack").write_bytes(b"x")
     value = scores[(run.task, run.label, run.seed)]
 
     def metrics(v):
@@ -93,7 +92,6 @@ def test_aggregates_scores_differences_and_flatness_and_skips_finished_runs(tmp_
   run_folder = tmp_path / "runs" / "rte" / "sam" / "seed1"
   result = json.loads((run_folder / "result.json").read_text())
   assert not (run_folder / "model").exists()  # the saved model is deleted by default
-  assert not (run_folder / "checkpoint.msgpack").exists()
   assert result["best_epoch"]["epoch"] == 1 and result["flatness"]["top_eigenvalue"] == 31.0
 
   records = {(r["task"], r["label"]): r for r in summary["aggregate"]}

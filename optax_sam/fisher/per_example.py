@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 ExampleLoss = Callable[[Any], jax.Array]  # params -> scalar loss of one example
 PerExampleFn = Callable[[ExampleLoss, Any], Any]  # (example loss, params) -> pytree
@@ -119,6 +120,7 @@ def sum_over_examples(
   shapes = jax.eval_shape(one_example, indices[0, 0], weights[0, 0])
   # Inside shard_map the sums vary over the devices the examples do; so must the carry.
   zeros = jax.tree.map(
-      lambda s: numerics.match_varying(jnp.zeros(s.shape, jnp.float32), s), shapes)
+      lambda s: numerics.match_varying(placement.zeros_like_struct(s, jnp.float32), s),
+      shapes)
   total, _ = jax.lax.scan(one_chunk, zeros, (indices, weights))
   return total

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 # float32 +inf as int32: the largest bit pattern of a non-negative, non-NaN float32.
 _INF_BITS = 0x7F800000
@@ -67,10 +68,10 @@ def global_topk_mask(scores: Any, pool: Any, keep_ratio: float) -> Any:
   in_pool = treedef.flatten_up_to(pool)
   pooled = [s for s, p in zip(leaves, in_pool) if p]
   if not pooled:
-    return jax.tree.map(lambda s: jnp.ones(s.shape, bool), scores)
+    return jax.tree.map(lambda s: placement.ones_like(s, bool), scores)
   size = sum(s.size for s in pooled)
   k = max(1, int(keep_ratio * size))
   threshold = kth_largest(pooled, k)
   masks = [_nonnegative_bits(s) >= jax.lax.bitcast_convert_type(threshold, jnp.int32)
-           if p else jnp.ones(s.shape, bool) for s, p in zip(leaves, in_pool)]
+           if p else placement.ones_like(s, bool) for s, p in zip(leaves, in_pool)]
   return jax.tree.unflatten(treedef, masks)

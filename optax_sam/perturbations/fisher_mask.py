@@ -10,6 +10,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 from optax_sam.core import selection as selection_lib
 from optax_sam.fisher import estimators
 from optax_sam.fisher import per_example
@@ -89,7 +90,7 @@ def fisher_mask(
     selection_lib.select(params, pool, argument="pool")  # fail early on a bad pool
     return FisherMaskState(
         count=jnp.zeros((), jnp.int32),
-        mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params))
+        mask=jax.tree.map(lambda p: placement.ones_like(p, bool), params))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, example_mask=None,
                 **extra_args):
@@ -100,7 +101,7 @@ def fisher_mask(
       loss_fn = loss_lib.require_loss_fn(loss_fn, piece)
       per_example.batch_size_of(loss_fn, params, piece)
 
-    def refreshed_mask():
+    def refreshed_mask(updates, params, _):
       if fisher == "per_example":
         scores = estimators.empirical_fisher(
             loss_fn, params, num_examples=fisher_samples, chunk_size=fisher_chunk_size,
@@ -112,7 +113,8 @@ def fisher_mask(
       return numerics.match_varying(mask, updates)
 
     kept_mask = numerics.match_varying(state.mask, updates)
-    mask = jax.lax.cond(state.count % mask_every == 0, refreshed_mask, lambda: kept_mask)
+    mask = jax.lax.cond(state.count % mask_every == 0, refreshed_mask,
+                        lambda _, __, kept: kept, updates, params, kept_mask)
     masked = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
     return masked, FisherMaskState(count=optax.safe_increment(state.count), mask=mask)
 

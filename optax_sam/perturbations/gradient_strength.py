@@ -23,6 +23,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 
 class GradientStrengthState(NamedTuple):
@@ -120,7 +121,7 @@ def gradient_strength_ellipsoid(
   def init_fn(params: optax.Params) -> GradientStrengthState:
     return GradientStrengthState(
         count=jnp.zeros((), jnp.int32),
-        second_moment=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+        second_moment=jax.tree.map(lambda p: placement.zeros_like(p, jnp.float32), params))
 
   def update_fn(updates, state, params=None, *, loss_fn=None, example_mask=None,
                 **extra_args):

@@ -10,6 +10,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 
 
 class ReweightedAscentState(NamedTuple):
@@ -33,7 +34,7 @@ def random_direction(key: jax.Array, like: Any, radius: jax.Array) -> Any:
   """
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
-  normal = [jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+  normal = [placement.normal_like(k, x) for k, x in zip(keys, leaves)]
   factor = radius / (numerics.global_norm(normal) + numerics.NORM_EPS)
   return jax.tree.unflatten(treedef, [n * factor for n in normal])
 

@@ -11,6 +11,7 @@ import optax
 
 from optax_sam.core import loss as loss_lib
 from optax_sam.core import numerics
+from optax_sam.core import placement
 from optax_sam.core import selection as selection_lib
 from optax_sam.fisher import topk
 from optax_sam.subnetworks import scope as scope_lib
@@ -54,7 +55,7 @@ def bernoulli_masks(key: jax.Array, like: Any, p_keep: jax.Array) -> Any:
     if size >= 2**32:
       raise ValueError(f"bernoulli_masks: a leaf of {size} entries is more than the "
                        "hash's 32-bit index can count.")
-    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    index = placement.index_like(x)
     hashed = _mix32(_mix32(index ^ k[0]) + k[1])
     masks.append((hashed >> 8) < threshold)
   return jax.tree.unflatten(treedef, masks)
@@ -144,7 +145,8 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformationExtraArgs:
   rescaled. The mask lives in the state, not in the compiled program, so a large model's
   mask is an argument of the jitted step rather than a constant folded into it.
 
-  Cost: no extra pass. Extra state: the mask (one bool per parameter).
+  Cost: no extra pass. Extra state: the mask (one bool per parameter, placed like the
+  parameter).
 
   Args:
     mask: a pytree with the parameters' structure whose leaves are bool arrays (or
@@ -168,10 +170,13 @@ def child_tuning_d(mask: Any) -> optax.GradientTransformationExtraArgs:
   """
 
   def init_fn(params: optax.Params) -> ChildTuningDState:
+    if not jax.tree.leaves(params):
+      # optax.tree.map_params's placeholder (or no parameters at all): the mask is a
+      # tree shaped like the parameters, which is what the placeholder stands for.
+      return ChildTuningDState(mask=params)
     try:
-      fixed = jax.tree.map(
-          lambda p, m: jnp.broadcast_to(jnp.asarray(m, bool), jnp.shape(p))
-          if jnp.ndim(m) else jnp.asarray(m, bool), params, mask)
+      # Placed like each parameter, so that a sharded parameter's mask is sharded too.
+      fixed = jax.tree.map(lambda p, m: placement.broadcast_like(m, p, bool), params, mask)
     except (ValueError, TypeError) as error:
       raise ValueError(
           f"child_tuning_d: mask must have the structure of the parameters with bool "
@@ -245,7 +250,7 @@ def child_tuning_d_mask(
     return jax.tree.map(lambda t, g: t + jnp.square(g.astype(jnp.float32)), total,
                         pooled(grads))
 
-  total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), pooled(params))
+  total = jax.tree.map(lambda p: placement.zeros_like(p, jnp.float32), pooled(params))
   seen = 0
   for batch in batches:
     total = accumulate(total, params, batch)
@@ -256,5 +261,5 @@ def child_tuning_d_mask(
   scores = jax.tree.map(lambda p, t: jnp.zeros((), jnp.float32) if t is None else t,
                         params, total, is_leaf=lambda x: x is None)
   kept = topk.global_topk_mask(scores, in_scope, keep_ratio)
-  return jax.tree.map(lambda p, m: jnp.broadcast_to(m, jnp.shape(p)), params, kept)
+  return jax.tree.map(lambda p, m: placement.broadcast_like(m, p, bool), params, kept)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core import placement
 from optax_sam.core import selection as selection_lib
 from optax_sam.fisher import topk
 from optax_sam.subnetworks import scope as scope_lib
@@ -45,9 +46,9 @@ def _dps_all_leaves(total_steps: int, update_ratio: float,
   def init_fn(params: optax.Params) -> DPSState:
     return DPSState(
         count=jnp.zeros((), jnp.int32),
-        squared_gradient_sum=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
-                                          params),
-        mask=jax.tree.map(lambda p: jnp.ones(p.shape, bool), params))
+        squared_gradient_sum=jax.tree.map(
+            lambda p: placement.zeros_like(p, jnp.float32), params),
+        mask=jax.tree.map(lambda p: placement.ones_like(p, bool), params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -63,9 +64,10 @@ def _dps_all_leaves(total_steps: int, update_ratio: float,
         state.squared_gradient_sum, squares)
     selected = jax.lax.cond(
         selection_step,
-        lambda: jax.tree.map(lambda g: per_matrix_topk_mask(g, exclude_ratio),
-                             state.squared_gradient_sum),
-        lambda: state.mask)
+        lambda sums, _: jax.tree.map(lambda g: per_matrix_topk_mask(g, exclude_ratio),
+                                     sums),
+        lambda _, mask: mask,
+        state.squared_gradient_sum, state.mask)
     mask = jax.tree.map(lambda m: jnp.logical_or(m, in_stage_one), selected)
     # A product, as in the authors' code: a NaN stays visible to a finiteness guard.
     masked = jax.tree.map(lambda g, m: g * m.astype(g.dtype), updates, mask)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core import placement
 from optax_sam.core import selection as selection_lib
 from optax_sam.subnetworks import scope as scope_lib
 from optax_sam.subnetworks.dps import _check_dps_arguments  # pylint: disable=protected-access
@@ -63,10 +64,11 @@ def _dps_mix_all_leaves(total_steps: int, update_ratio: float, exclude_ratio: fl
         mixout=random_mixout_state(params, mixout_p, seed),
         count=jnp.zeros((), jnp.int32),
         pretrained=jax.tree.map(jnp.copy, params),  # own buffers, as the target's
-        squared_gradient_sum=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
-                                          params),
+        squared_gradient_sum=jax.tree.map(
+            lambda p: placement.zeros_like(p, jnp.float32), params),
         kept_steps=jax.tree.map(
-            lambda p: jnp.zeros(input_neuron_shape(p.shape), jnp.int32), params))
+            lambda p: placement.zeros_like(p, jnp.int32, input_neuron_shape(p.shape)),
+            params))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -93,11 +95,12 @@ def _dps_mix_all_leaves(total_steps: int, update_ratio: float, exclude_ratio: fl
     random = input_neuron_masks(mask_key, updates, 1.0 - mixing.p)
     selected = jax.lax.cond(
         next_position == stage,
-        lambda: jax.tree.map(
+        lambda sums, kept_steps, _: jax.tree.map(
             lambda g, kept: per_matrix_topk_mask(
                 selection_scores(g, kept, stage), exclude_ratio),
-            squared_gradient_sum, kept_steps),
-        lambda: mixing.mask)
+            sums, kept_steps),
+        lambda _, __, mask: mask,
+        squared_gradient_sum, kept_steps, mixing.mask)
     mask = jax.tree.map(lambda r, s: jnp.where(next_in_stage_one, r, s), random, selected)
     # Stage II mixes toward the weights it started from: this step's, when it is the
     # first of Stage II (target_is_params stood in for them in this step's forward).

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam.core import numerics
+from optax_sam.core import placement
 from optax_sam.core import selection as selection_lib
 from optax_sam.subnetworks import scope as scope_lib
 
@@ -53,8 +54,9 @@ def input_neuron_masks(key: jax.Array, like: Any, p_keep: jax.Array) -> Any:
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(treedef, [
-      jnp.broadcast_to(jax.random.bernoulli(k, p_keep, input_neuron_shape(jnp.shape(x))),
-                       jnp.shape(x)) for k, x in zip(keys, leaves)])
+      placement.broadcast_like(
+          placement.bernoulli_like(k, p_keep, x, input_neuron_shape(jnp.shape(x))), x)
+      for k, x in zip(keys, leaves)])
 
 
 @jax.custom_vjp
