@@ -79,7 +79,6 @@ def step_memory(config: model_lib.EncoderConfig, method: methods_lib.Method,
            "example_mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
   step = jax.jit(
       train.make_train_step(model, tx, is_regression=False,
-                            clean_gradient=method.reads_clean_gradient,
                             params_transform=method.params_transform),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, distributed.replicated(mesh)), donate_argnums=0)
