@@ -579,7 +579,9 @@ def aggregate(results: Sequence[Mapping[str, Any]], experiment: Experiment
               ) -> list[dict[str, Any]]:
   """One record per (task, arm): scores, best-epoch scores, flatness, differences."""
   by_key: dict[tuple[str, str], dict[int, Mapping[str, Any]]] = {}
-  for r in results:
+  # In seed order whatever order the runs finished in (--parallel): the same sums, bit
+  # for bit.
+  for r in sorted(results, key=lambda r: r["seed"]):
     by_key.setdefault((r["task"], r["label"]), {})[r["seed"]] = r
   arms = experiment.arms
 

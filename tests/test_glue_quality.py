@@ -250,3 +250,10 @@ def test_parallel_runs_give_the_same_summary(tmp_path, monkeypatch):
   parallel = _run(["--output-dir", str(tmp_path / "parallel"), "--parallel", "4"])
   assert parallel["aggregate"] == serial["aggregate"]
   assert len(parallel["results"]) == len(serial["results"]) == 20
+
+
+def test_the_summary_does_not_depend_on_the_order_runs_finished_in(tmp_path):
+  results = _run(["--output-dir", str(tmp_path)])["results"]
+  shuffled = [results[i] for i in np.random.default_rng(0).permutation(len(results))]
+  assert (glue_quality.aggregate(shuffled, TOY) == glue_quality.aggregate(results, TOY)
+          == glue_quality.aggregate(results[::-1], TOY))
