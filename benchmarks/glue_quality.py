@@ -152,14 +152,13 @@ CPU_RECIPE = _recipe(_LOW_RESOURCE, {
 def _calibration_arms(epochs: Sequence[int], lr: Optional[str] = None) -> tuple[Arm, ...]:
   suffix = "" if lr is None else f",lr={lr}"
   extra = () if lr is None else ("--lr", lr)
-  arms, previous = [], None
-  for count in epochs:
-    label = f"adamw@{count}ep{suffix}"
-    arms.append(Arm(label, "adamw", ("--epochs", str(count), *extra), reference=None,
-                    doubles=previous if previous and count == 2 * int(
-                        previous.split("@")[1].split("ep")[0]) else None))
-    previous = label
-  return tuple(arms)
+  # Every even budget names its half, also in a block that does not run it: an arm's
+  # label means the same in every block, and the comparison is made where both ran.
+  return tuple(
+      Arm(f"adamw@{count}ep{suffix}", "adamw", ("--epochs", str(count), *extra),
+          reference=None,
+          doubles=f"adamw@{count // 2}ep{suffix}" if count % 2 == 0 else None)
+      for count in epochs)
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
