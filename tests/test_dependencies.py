@@ -12,7 +12,8 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 CORE = ("optax_sam",)
 EVERYTHING = ("optax_sam", "examples", "benchmarks", "tests", "scripts")
 # Import names whose distribution is named otherwise, for modules not installed here.
-DISTRIBUTION_OF = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
+DISTRIBUTION_OF = {"sklearn": "scikit-learn", "yaml": "pyyaml",
+                   "orbax": "orbax-checkpoint"}
 
 
 def _normalise(name: str) -> str:

@@ -50,6 +50,7 @@ import optax
 import tqdm
 
 import optax_sam
+from optax_sam.core import numerics
 from examples.glue import checkpoints as checkpoints_lib
 from examples.glue import data
 from examples.glue import distributed
@@ -381,13 +382,6 @@ def remove_run(output_dir: pathlib.Path) -> None:
       path.unlink(missing_ok=True)
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every entry of every floating-point leaf of ``tree`` is finite."""
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def select_method(args: argparse.Namespace) -> tuple[methods.Method, dict[str, Any]]:
   """The ``--method`` and the hyperparameters given for it.
 
@@ -590,7 +584,7 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                                 distributed.global_batch(batch, batch_sharding)),
           dev_set, task, args.batch_size, multiple)
 
-    params_finite = jax.jit(all_finite)
+    params_finite = jax.jit(numerics.tree_all_finite)
     dev_metrics = None
     step = int(state.step)
     progress = tqdm.tqdm(total=total_steps, initial=step,

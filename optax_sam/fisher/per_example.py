@@ -41,14 +41,11 @@ def _replicate_if_explicitly_sharded(x: jax.Array) -> jax.Array:
   With explicit sharding (the default of ``jax.make_mesh``) JAX refuses to slice single
   rows out of a sharded axis; on auto-sharded or unsharded arrays this is a no-op.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-  if mesh is None or not any(t == explicit for t in getattr(mesh, "axis_types", ())):
+  sharding = placement.explicit_sharding(x)
+  if sharding is None:
     return x
-  if all(axis is None for axis in sharding.spec):
-    return x
-  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def _example_loss(loss_fn: loss_lib.LossFn, index: jax.Array) -> ExampleLoss:
