@@ -19,7 +19,9 @@ training examples). The saved model is then deleted (``--keep-models`` keeps it;
 training command deletes its own checkpoint when the run ends) and, with ``--commit``,
 the run folder is committed. The
 script is resumable: a run whose ``result.json`` exists is skipped, an interrupted run
-continues from its last epoch.
+continues from its last epoch, and a run that another experiment beside this one already
+made with the same flags (e.g. AdamW seed 0 of the rho sweep and of the comparison) is
+copied, not trained again (its ``result.json`` says ``reused_from``).
 
 The summary gives per task the dev score (the mean of the task's official metrics,
 x 100) as mean +- std over seeds, the paired difference to each reference arm with a 95%
@@ -376,6 +378,46 @@ def finished(run: Run, root: pathlib.Path) -> Optional[dict[str, Any]]:
   return result
 
 
+def finished_elsewhere(run: Run, root: pathlib.Path, experiment: Experiment
+                       ) -> Optional[pathlib.Path]:
+  """The folder of a finished run of another experiment, in its folder beside ``root``
+  (``<root>/../<experiment name>``), that is this very run: the same training flags and,
+  if ``experiment`` measures flatness, flatness measured at its radius. ``None`` if there
+  is none."""
+  wanted = effective_flags(run.train_args)
+  others = [root.parent / name for name in sorted(EXPERIMENTS)
+            if (root.parent / name).resolve() != root.resolve()]
+  for path in (path for other in others for path in sorted(
+      other.glob(f"runs/{run.task}/*/seed{run.seed}/{RESULT_FILE}"))):
+    folder = path.parent
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if effective_flags(result.get("train_args", ())) != wanted:
+      continue
+    flatness = result.get("flatness")
+    if experiment.flatness and (flatness is None
+                                or flatness.get("rho") != experiment.flatness_rho):
+      continue
+    return folder
+  return None
+
+
+def adopt(run: Run, source: pathlib.Path, root: pathlib.Path, experiment: Experiment
+          ) -> dict[str, Any]:
+  """Copies the finished run in ``source`` (see :func:`finished_elsewhere`) into this
+  run's folder, under this run's label; returns its ``result.json`` record."""
+  folder = run.folder(root)
+  folder.mkdir(parents=True, exist_ok=True)
+  for path in source.iterdir():
+    if path.is_file() and path.name != RESULT_FILE:
+      shutil.copy2(path, folder / path.name)
+  recorded = json.loads((source / RESULT_FILE).read_text(encoding="utf-8"))
+  result = result_record(run, read_log(folder),
+                         recorded.get("flatness") if experiment.flatness else None)
+  result["reused_from"] = str(source.relative_to(root.parent))
+  common.write_json(folder / RESULT_FILE, result)
+  return result
+
+
 def read_log(folder: pathlib.Path) -> dict[str, Any]:
   """The final and the best epoch of a training run's ``log.jsonl``."""
   log = folder / "log.jsonl"
@@ -480,6 +522,12 @@ def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
   pending = []
   for run in runs:
     done = finished(run, root)
+    if done is None and (source := finished_elsewhere(run, root, experiment)):
+      done = adopt(run, source, root, experiment)
+      print(f"{run.name}: the same run as {done['reused_from']}, reused")
+      if commit:
+        commit_run(run.folder(root), f"{experiment.name}: {run.name} "
+                   f"({_headline(done)}; reused from {done['reused_from']})")
     if done is None:
       pending.append(run)
     else:
@@ -695,7 +743,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
            common.stamp_markdown(summary["meta"]), "", summary["description"], "",
            f"Runs: {summary['counts']['results']} finished of "
            f"{summary['counts']['planned']} planned "
-           f"({summary['counts']['kept']} kept from earlier invocations, "
+           f"({summary['counts']['kept']} kept from earlier invocations or reused from other experiments, "
            f"{len(summary['failures'])} failed).", "",
            "Dev score: the mean of the task's official metrics x 100, mean ± std over "
            "seeds, of the final epoch (the headline) and, labelled, of each run's best "
