@@ -2,10 +2,10 @@ r"""What each method buys on GLUE: dev scores over seeds, flatness, paired diffe
 
   python benchmarks/glue_quality.py --experiment calibration --commit   # AdamW recipe
   python benchmarks/glue_quality.py --experiment rho --commit           # SAM's rho sweep
-  python benchmarks/glue_quality.py --experiment cpu --commit           # the comparison
+  python benchmarks/glue_quality.py --experiment comparison --commit    # the comparison
   python benchmarks/glue_quality.py --experiment gpu --model PACKED/model \
-      --glue-dir PACKED/glue                                            # an accelerator
-  python benchmarks/glue_quality.py --experiment cpu --tasks stsb --methods sam \
+      --glue-dir PACKED/glue --parallel 8                               # an accelerator
+  python benchmarks/glue_quality.py --experiment comparison --tasks stsb --methods sam \
       --seeds 0 --max-steps 5                                           # a smoke run
 
 An experiment is a list of runs: tasks x seeds x arms, where an arm is a way of training
@@ -242,20 +242,22 @@ _register(Experiment(
     references=("adamw", "sam"),
     flatness=True))
 
+_AMORTISED_ARMS = (
+    Arm("looksam@k=5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
+                               "5", "--reuse-alpha", "0.7")),
+    Arm("sam-every-5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
+                               "5")))
 _register(Experiment(
     name="looksam",
     description=(
         "Amortised SAM (issue 14) on STS-B, three seeds, the calibrated low-resource "
         "recipe: SAM perturbing every 5th step with LookSAM's reuse (alpha 0.7) and with "
-        "plain steps between, against SAM and AdamW; rho is the library's 0.05 for "
-        "every SAM arm. LookSAM's claim: the reuse keeps most of SAM's gain at about "
-        "0.6x SAM's cost, the plain steps between do not."),
+        "plain steps between, against SAM and AdamW; every SAM arm at the comparison's "
+        "radius. LookSAM's claim: the reuse keeps most of SAM's gain at about 0.6x SAM's "
+        "cost, the plain steps between do not."),
     recipe=CPU_RECIPE,
     blocks=(Block(("stsb",), (0, 1, 2), (
-        Arm("adamw", "adamw", reference=None),
-        Arm("sam", "sam"),
-        Arm("looksam@k=5", "sam", ("--perturb-every", "5", "--reuse-alpha", "0.7")),
-        Arm("sam-every-5", "sam", ("--perturb-every", "5")))),),
+        Arm("adamw", "adamw", reference=None), _method_arm("sam"), *_AMORTISED_ARMS)),),
     references=("adamw", "sam"),
     flatness=True))
 
@@ -276,6 +278,23 @@ _register(Experiment(
     blocks=(Block(("stsb", "sst2", "mrpc", "cola", "rte"), (0,),
                   (Arm("adamw@full", "adamw", reference=None),)),),
     references=()))
+
+# The whole matrix in one command, for an accelerator (pack the model and the data first:
+# benchmarks/pack.py): five seeds where the CPU experiments have three.
+_GPU_SEEDS = (0, 1, 2, 3, 4)
+_register(Experiment(
+    name="gpu",
+    description=(
+        "The comparison and the amortised-SAM arms at five seeds on the calibrated "
+        "low-resource recipe, and AdamW on each full training set, in one command (for "
+        "an accelerator: --parallel N)."),
+    recipe=CPU_RECIPE,
+    blocks=(*(dataclasses.replace(block, seeds=_GPU_SEEDS)
+              for block in EXPERIMENTS["comparison"].blocks),
+            Block(("stsb",), _GPU_SEEDS, _AMORTISED_ARMS),
+            dataclasses.replace(EXPERIMENTS["full-data"].blocks[0], recipe=FULL_DATA_RECIPE)),
+    references=("adamw", "sam"),
+    flatness=True))
 
 
 # ---------------------------------------------------------------------------------------

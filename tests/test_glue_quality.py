@@ -310,3 +310,14 @@ def _fake_measurer_as(label):
         run.arm, label=label if run.arm.method == "sam" else run.arm.label)), folder, rho)
 
   return measurer
+
+
+def test_the_accelerator_experiment_is_the_whole_matrix_at_five_seeds():
+  flags = lambda runs: {tuple(sorted(glue_quality.effective_flags(r.train_args).items()))
+                        for r in runs}
+  gpu = flags(glue_quality.plan(glue_quality.EXPERIMENTS["gpu"]))
+  for name in ("comparison", "looksam", "full-data"):
+    assert flags(glue_quality.plan(glue_quality.EXPERIMENTS[name])) <= gpu, name
+  seeds = {r.seed for r in glue_quality.plan(glue_quality.EXPERIMENTS["gpu"], tasks=["sst2"])
+           if r.label == "fsam"}
+  assert seeds == {0, 1, 2, 3, 4}
