@@ -746,16 +746,21 @@ def scores_table(summary: Mapping[str, Any]) -> str:
   records = summary["aggregate"]
   references = sorted({ref for r in records for ref in r["differences"]},
                       key=lambda ref: (ref != "adamw", ref))
+  # The flatness figures beside the scores, where the experiment measured them.
+  figures = ("top_eigenvalue", "sharpness") if any(r["flatness"] for r in records) else ()
   rows = []
   for r in records:
     rows.append([r["task"], f"`{r['label']}`", len(r["seeds"]), _cell(r["score"]),
                  _cell(r["best_epoch_score"]),
                  *(_difference_cell(r["differences"].get(ref)) for ref in references),
+                 *(_figure_cell((r["flatness"] or {}).get(f)) for f in figures),
                  _cell(r["minutes"])])
   return common.markdown_table(
       ["task", "arm", "seeds", "dev score (final epoch)", "best epoch (not the headline)",
-       *(f"vs `{ref}`" for ref in references), "minutes per run"], rows,
-      align="ll" + "r" * (4 + len(references)))
+       *(f"vs `{ref}`" for ref in references),
+       *(("top Hessian eigenvalue", f"sharpness (ρ = {summary['flatness_rho']:g})")
+         if figures else ()), "minutes per run"], rows,
+      align="ll" + "r" * (4 + len(references) + len(figures)))
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
@@ -766,8 +771,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
            common.stamp_markdown(summary["meta"]), "", summary["description"], "",
            f"Runs: {summary['counts']['results']} finished of "
            f"{summary['counts']['planned']} planned "
-           f"({summary['counts']['kept']} kept from earlier invocations or reused from other experiments, "
-           f"{len(summary['failures'])} failed).", "",
+           f"({summary['counts']['kept']} kept from earlier invocations or reused from "
+           f"other experiments, {len(summary['failures'])} failed).", "",
            "Dev score: the mean of the task's official metrics x 100, mean ± std over "
            "seeds, of the final epoch (the headline) and, labelled, of each run's best "
            "epoch. Differences: mean over the seeds both arms have [paired 95% t-interval; "
