@@ -2,10 +2,10 @@ r"""What each method buys on GLUE: dev scores over seeds, flatness, paired diffe
 
   python benchmarks/glue_quality.py --experiment calibration --commit   # AdamW recipe
   python benchmarks/glue_quality.py --experiment rho --commit           # SAM's rho sweep
-  python benchmarks/glue_quality.py --experiment cpu --commit           # the comparison
+  python benchmarks/glue_quality.py --experiment comparison --commit    # the comparison
   python benchmarks/glue_quality.py --experiment gpu --model PACKED/model \
-      --glue-dir PACKED/glue                                            # an accelerator
-  python benchmarks/glue_quality.py --experiment cpu --tasks stsb --methods sam \
+      --glue-dir PACKED/glue --parallel 8                               # an accelerator
+  python benchmarks/glue_quality.py --experiment comparison --tasks stsb --methods sam \
       --seeds 0 --max-steps 5                                           # a smoke run
 
 An experiment is a list of runs: tasks x seeds x arms, where an arm is a way of training
@@ -19,7 +19,9 @@ training examples). The saved model is then deleted (``--keep-models`` keeps it;
 training command deletes its own checkpoint when the run ends) and, with ``--commit``,
 the run folder is committed. The
 script is resumable: a run whose ``result.json`` exists is skipped, an interrupted run
-continues from its last epoch.
+continues from its last epoch, and a run that another experiment beside this one already
+made with the same flags (e.g. AdamW seed 0 of the rho sweep and of the comparison) is
+copied, not trained again (its ``result.json`` says ``reused_from``).
 
 The summary gives per task the dev score (the mean of the task's official metrics,
 x 100) as mean +- std over seeds, the paired difference to each reference arm with a 95%
@@ -240,20 +242,22 @@ _register(Experiment(
     references=("adamw", "sam"),
     flatness=True))
 
+_AMORTISED_ARMS = (
+    Arm("looksam@k=5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
+                               "5", "--reuse-alpha", "0.7")),
+    Arm("sam-every-5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
+                               "5")))
 _register(Experiment(
     name="looksam",
     description=(
         "Amortised SAM (issue 14) on STS-B, three seeds, the calibrated low-resource "
         "recipe: SAM perturbing every 5th step with LookSAM's reuse (alpha 0.7) and with "
-        "plain steps between, against SAM and AdamW; rho is the library's 0.05 for "
-        "every SAM arm. LookSAM's claim: the reuse keeps most of SAM's gain at about "
-        "0.6x SAM's cost, the plain steps between do not."),
+        "plain steps between, against SAM and AdamW; every SAM arm at the comparison's "
+        "radius. LookSAM's claim: the reuse keeps most of SAM's gain at about 0.6x SAM's "
+        "cost, the plain steps between do not."),
     recipe=CPU_RECIPE,
     blocks=(Block(("stsb",), (0, 1, 2), (
-        Arm("adamw", "adamw", reference=None),
-        Arm("sam", "sam"),
-        Arm("looksam@k=5", "sam", ("--perturb-every", "5", "--reuse-alpha", "0.7")),
-        Arm("sam-every-5", "sam", ("--perturb-every", "5")))),),
+        Arm("adamw", "adamw", reference=None), _method_arm("sam"), *_AMORTISED_ARMS)),),
     references=("adamw", "sam"),
     flatness=True))
 
@@ -274,6 +278,23 @@ _register(Experiment(
     blocks=(Block(("stsb", "sst2", "mrpc", "cola", "rte"), (0,),
                   (Arm("adamw@full", "adamw", reference=None),)),),
     references=()))
+
+# The whole matrix in one command, for an accelerator (pack the model and the data first:
+# benchmarks/pack.py): five seeds where the CPU experiments have three.
+_GPU_SEEDS = (0, 1, 2, 3, 4)
+_register(Experiment(
+    name="gpu",
+    description=(
+        "The comparison and the amortised-SAM arms at five seeds on the calibrated "
+        "low-resource recipe, and AdamW on each full training set, in one command (for "
+        "an accelerator: --parallel N)."),
+    recipe=CPU_RECIPE,
+    blocks=(*(dataclasses.replace(block, seeds=_GPU_SEEDS)
+              for block in EXPERIMENTS["comparison"].blocks),
+            Block(("stsb",), _GPU_SEEDS, _AMORTISED_ARMS),
+            dataclasses.replace(EXPERIMENTS["full-data"].blocks[0], recipe=FULL_DATA_RECIPE)),
+    references=("adamw", "sam"),
+    flatness=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,6 +394,46 @@ def finished(run: Run, root: pathlib.Path) -> Optional[dict[str, Any]]:
         f"{path} was made with other arguments:\n  recorded: "
         f"{' '.join(result.get('train_args', ()))}\n  planned:  {' '.join(run.train_args)}"
         f"\nUse another --output-dir, or delete that run's folder to run it again.")
+  return result
+
+
+def finished_elsewhere(run: Run, root: pathlib.Path, experiment: Experiment
+                       ) -> Optional[pathlib.Path]:
+  """The folder of a finished run of another experiment, in its folder beside ``root``
+  (``<root>/../<experiment name>``), that is this very run: the same training flags and,
+  if ``experiment`` measures flatness, flatness measured at its radius. ``None`` if there
+  is none."""
+  wanted = effective_flags(run.train_args)
+  others = [root.parent / name for name in sorted(EXPERIMENTS)
+            if (root.parent / name).resolve() != root.resolve()]
+  for path in (path for other in others for path in sorted(
+      other.glob(f"runs/{run.task}/*/seed{run.seed}/{RESULT_FILE}"))):
+    folder = path.parent
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if effective_flags(result.get("train_args", ())) != wanted:
+      continue
+    flatness = result.get("flatness")
+    if experiment.flatness and (flatness is None
+                                or flatness.get("rho") != experiment.flatness_rho):
+      continue
+    return folder
+  return None
+
+
+def adopt(run: Run, source: pathlib.Path, root: pathlib.Path, experiment: Experiment
+          ) -> dict[str, Any]:
+  """Copies the finished run in ``source`` (see :func:`finished_elsewhere`) into this
+  run's folder, under this run's label; returns its ``result.json`` record."""
+  folder = run.folder(root)
+  folder.mkdir(parents=True, exist_ok=True)
+  for path in source.iterdir():
+    if path.is_file() and path.name != RESULT_FILE:
+      shutil.copy2(path, folder / path.name)
+  recorded = json.loads((source / RESULT_FILE).read_text(encoding="utf-8"))
+  result = result_record(run, read_log(folder),
+                         recorded.get("flatness") if experiment.flatness else None)
+  result["reused_from"] = str(source.relative_to(root.parent))
+  common.write_json(folder / RESULT_FILE, result)
   return result
 
 
@@ -480,6 +541,12 @@ def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
   pending = []
   for run in runs:
     done = finished(run, root)
+    if done is None and (source := finished_elsewhere(run, root, experiment)):
+      done = adopt(run, source, root, experiment)
+      print(f"{run.name}: the same run as {done['reused_from']}, reused")
+      if commit:
+        commit_run(run.folder(root), f"{experiment.name}: {run.name} "
+                   f"({_headline(done)}; reused from {done['reused_from']})")
     if done is None:
       pending.append(run)
     else:
@@ -695,7 +762,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
            common.stamp_markdown(summary["meta"]), "", summary["description"], "",
            f"Runs: {summary['counts']['results']} finished of "
            f"{summary['counts']['planned']} planned "
-           f"({summary['counts']['kept']} kept from earlier invocations, "
+           f"({summary['counts']['kept']} kept from earlier invocations or reused from other experiments, "
            f"{len(summary['failures'])} failed).", "",
            "Dev score: the mean of the task's official metrics x 100, mean ± std over "
            "seeds, of the final epoch (the headline) and, labelled, of each run's best "

@@ -1,5 +1,6 @@
 """benchmarks/glue_quality.py: planning, resumption and aggregation on synthetic runs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -246,8 +247,10 @@ def test_commit_run_commits_only_that_folder(tmp_path, monkeypatch):
 
 def test_parallel_runs_give_the_same_summary(tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")  # restored afterwards
-  serial = _run(["--output-dir", str(tmp_path / "serial")])
-  parallel = _run(["--output-dir", str(tmp_path / "parallel"), "--parallel", "4"])
+  # Not side by side: a second experiment folder beside the first would reuse its runs.
+  serial = _run(["--output-dir", str(tmp_path / "serial" / "toy")])
+  parallel = _run(["--output-dir", str(tmp_path / "parallel" / "toy"), "--parallel", "4"])
+  assert parallel["counts"]["kept"] == 0
   assert parallel["aggregate"] == serial["aggregate"]
   assert len(parallel["results"]) == len(serial["results"]) == 20
 
@@ -257,3 +260,64 @@ def test_the_summary_does_not_depend_on_the_order_runs_finished_in(tmp_path):
   shuffled = [results[i] for i in np.random.default_rng(0).permutation(len(results))]
   assert (glue_quality.aggregate(shuffled, TOY) == glue_quality.aggregate(results, TOY)
           == glue_quality.aggregate(results[::-1], TOY))
+
+
+def test_a_run_another_experiment_made_with_the_same_flags_is_reused(tmp_path,
+                                                                     monkeypatch):
+  sweep = glue_quality.Experiment(
+      name="sweep", description="", recipe=glue_quality.CPU_RECIPE,
+      blocks=(Block(("rte",), (0,), (
+          Arm("adamw", "adamw", reference=None),
+          Arm("sam@rho=0.01", "sam", ("--rho", "0.01")),
+          Arm("sam@rho=0.02", "sam", ("--rho", "0.02")))),), flatness=True)
+  monkeypatch.setitem(glue_quality.EXPERIMENTS, "sweep", sweep)
+  glue_quality.run(["--experiment", "sweep", "--output-dir", str(tmp_path / "sweep")],
+                   trainer=_fake_trainer({("rte", "adamw", 0): 0.6,
+                                          ("rte", "sam@rho=0.01", 0): 0.63,
+                                          ("rte", "sam@rho=0.02", 0): 0.5}, []),
+                   measurer=_fake_measurer_as("sam"))
+  calls = []
+  summary = _run(["--tasks", "rte", "--seeds", "0", "--output-dir", str(tmp_path / "toy")],
+                 calls)
+  assert sorted(calls) == [("rte", "fsam", 0), ("rte", "gasam", 0)]
+  assert summary["counts"] == {"planned": 4, "results": 4, "kept": 2}
+  sam = next(r for r in summary["results"] if r["label"] == "sam")
+  assert sam["reused_from"] == "sweep/runs/rte/sam-rho0.01/seed0"
+  assert sam["metrics"] == {"accuracy": 0.63} and sam["reference"] == "adamw"
+  assert sam["flatness"]["top_eigenvalue"] == 30.0
+  assert (tmp_path / "toy" / "runs" / "rte" / "sam" / "seed0" / "log.jsonl").is_file()
+  again = []
+  _run(["--tasks", "rte", "--seeds", "0", "--output-dir", str(tmp_path / "toy")], again)
+  assert again == []
+
+
+def test_a_run_measured_at_another_flatness_radius_is_not_reused(tmp_path, monkeypatch):
+  argv = ["--tasks", "rte", "--methods", "adamw", "--seeds", "0"]
+  first = []
+  _run([*argv, "--output-dir", str(tmp_path / "toy")], first)
+  monkeypatch.setitem(glue_quality.EXPERIMENTS, "toy",
+                      dataclasses.replace(TOY, flatness_rho=0.05))
+  second = []
+  _run([*argv, "--output-dir", str(tmp_path / "other")], second)
+  assert second == first == [("rte", "adamw", 0), ("rte", "sam", 0)]
+
+
+def _fake_measurer_as(label):
+  """:func:`_fake_measurer`, reading every run as the arm ``label``."""
+
+  def measurer(run, folder, rho):
+    return _fake_measurer(dataclasses.replace(run, arm=dataclasses.replace(
+        run.arm, label=label if run.arm.method == "sam" else run.arm.label)), folder, rho)
+
+  return measurer
+
+
+def test_the_accelerator_experiment_is_the_whole_matrix_at_five_seeds():
+  flags = lambda runs: {tuple(sorted(glue_quality.effective_flags(r.train_args).items()))
+                        for r in runs}
+  gpu = flags(glue_quality.plan(glue_quality.EXPERIMENTS["gpu"]))
+  for name in ("comparison", "looksam", "full-data"):
+    assert flags(glue_quality.plan(glue_quality.EXPERIMENTS[name])) <= gpu, name
+  seeds = {r.seed for r in glue_quality.plan(glue_quality.EXPERIMENTS["gpu"], tasks=["sst2"])
+           if r.label == "fsam"}
+  assert seeds == {0, 1, 2, 3, 4}
