@@ -425,9 +425,11 @@ def finished_elsewhere(run: Run, root: pathlib.Path, experiment: Experiment
 def adopt(run: Run, source: pathlib.Path, root: pathlib.Path, experiment: Experiment
           ) -> dict[str, Any]:
   """Copies the finished run in ``source`` (see :func:`finished_elsewhere`) into this
-  run's folder, under this run's label; returns its ``result.json`` record."""
+  run's folder, under this run's label, in place of whatever an interrupted attempt left
+  there (its training checkpoint included); returns its ``result.json`` record."""
   folder = run.folder(root)
-  folder.mkdir(parents=True, exist_ok=True)
+  shutil.rmtree(folder, ignore_errors=True)
+  folder.mkdir(parents=True)
   for path in source.iterdir():
     if path.is_file() and path.name != RESULT_FILE:
       shutil.copy2(path, folder / path.name)

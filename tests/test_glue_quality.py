@@ -276,9 +276,12 @@ def test_a_run_another_experiment_made_with_the_same_flags_is_reused(tmp_path,
                                           ("rte", "sam@rho=0.01", 0): 0.63,
                                           ("rte", "sam@rho=0.02", 0): 0.5}, []),
                    measurer=_fake_measurer_as("sam"))
+  interrupted = tmp_path / "toy" / "runs" / "rte" / "sam" / "seed0" / "checkpoints"
+  interrupted.mkdir(parents=True)
   calls = []
   summary = _run(["--tasks", "rte", "--seeds", "0", "--output-dir", str(tmp_path / "toy")],
                  calls)
+  assert not interrupted.exists()
   assert sorted(calls) == [("rte", "fsam", 0), ("rte", "gasam", 0)]
   assert summary["counts"] == {"planned": 4, "results": 4, "kept": 2}
   sam = next(r for r in summary["results"] if r["label"] == "sam")
