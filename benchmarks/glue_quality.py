@@ -797,6 +797,17 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
   return "\n".join(parts)
 
 
+def _sweep_axis(axis: Any, swept: Sequence[Mapping[str, Any]], *, ylabel: str,
+                title: str) -> None:
+  """A log-scale axis over the swept values, each value labelled as written."""
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+  values = sorted({r["x"] for r in swept})
+  axis.set(xscale="log", xlabel="rho", ylabel=ylabel, title=title)
+  axis.set_xticks(values, [f"{v:g}" for v in values])
+  axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  axis.legend(fontsize=8)
+
+
 def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
   """Per task: the dev score of each arm (mean ± std), and, for swept arms, the sweep."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -822,8 +833,7 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
         if r["x"] is None:
           axis.axhline(r["score"]["mean"], color="grey", linestyle="--",
                        label=r["label"])
-      axis.set(xscale="log", xlabel="rho", ylabel="dev score (final epoch)", title=task)
-      axis.legend(fontsize=8)
+      _sweep_axis(axis, swept, ylabel="dev score (final epoch)", title=task)
     else:
       labels = [r["label"] for r in mine][::-1]
       axis.barh(labels, [r["score"]["mean"] for r in mine][::-1],
@@ -833,7 +843,20 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
       high = max(r["score"]["mean"] + (r["score"]["std"] or 0) for r in mine)
       axis.set_xlim(low - 0.2 * (high - low + 1), high + 0.2 * (high - low + 1))
       axis.set(xlabel="dev score (final epoch), mean ± std", title=task)
-    if flat:
+    if flat and swept:  # The mechanism against the swept value.
+      axis = axes[1][column]
+      measured = [r for r in swept if r["flatness"]]
+      eigenvalues = [r["flatness"]["top_eigenvalue"] for r in measured]
+      axis.errorbar([r["x"] for r in measured], [e["mean"] for e in eigenvalues],
+                    yerr=[e["std"] or 0 for e in eigenvalues], marker="o", capsize=3,
+                    label=swept[0]["method"], color="tab:red")
+      for r in mine:
+        if r["x"] is None and r["flatness"]:
+          axis.axhline(r["flatness"]["top_eigenvalue"]["mean"], color="grey",
+                       linestyle="--", label=r["label"])
+      _sweep_axis(axis, swept, ylabel="top Hessian eigenvalue",
+                  title=f"{task}: flatness (lower is flatter)")
+    elif flat:
       axis = axes[1][column]
       measured = [r for r in mine if r["flatness"]]
       for r in measured:
