@@ -1,0 +1,89 @@
+r"""How large is SAM's orthogonal component against the gradient, on the real model?
+
+  python -m benchmarks.looksam_scale --rho 0.01 0.05 --steps 0 10 40
+
+LookSAM reuses ``g + α (‖g‖/‖g_v‖) g_v`` between perturbing steps: the reused part has
+norm ``α ‖g‖`` whatever ρ is, while in SAM's own gradient it is ``‖g_v‖``. This prints
+``‖g_v‖ / ‖g‖`` (the α at which the reuse adds what SAM itself adds) on one fixed batch of
+STS-B training examples (the flatness benchmark's 32, dropout off) with the embedded
+checkpoint, after AdamW steps (lr 1e-4) on that batch. JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import optax
+
+import optax_sam
+from optax_sam.core import sharpness
+from benchmarks import flatness
+from benchmarks import glue_quality
+from examples.glue import data
+from examples.glue import model as model_lib
+from examples.glue import pretrained as pretrained_lib
+from examples.glue import train
+
+
+def orthogonal_ratio(gradient, params, rho: float) -> float:
+  """``‖g_v‖ / ‖g‖``: ``g_v`` the part of SAM's gradient orthogonal to ``g``."""
+  clean = gradient(params)
+  norm = optax.tree.norm(clean)
+  perturbed = gradient(jax.tree.map(lambda w, g: w + rho * g / norm, params, clean))
+  orthogonal = sharpness.orthogonal_component(perturbed, clean)
+  return float(optax.tree.norm(orthogonal) / norm)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.looksam_scale",
+                                   description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--rho", type=float, nargs="+", default=[0.01, 0.05])
+  parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 40],
+                      help="measure after these many AdamW steps")
+  parser.add_argument("--glue-dir", default=glue_quality.default_glue_dir(),
+                      help="glue_data folder (default: $GLUE_DIR, else ../shared/glue)")
+  args = parser.parse_args(argv)
+  task = data.get_task("stsb")
+  folder = pretrained_lib.default_model_dir()
+  pretrained = pretrained_lib.load_pretrained(folder, task.num_labels)
+  model = model_lib.SequenceClassifier(pretrained.config, task.num_labels)
+  batch = flatness.measurement_batch(
+      task, pretrained_lib.load_tokenizer(folder), glue_dir=args.glue_dir, train_size=1000,
+      data_seed=0, examples=32, max_length=64, micro_batch=0)
+  examples = {k: jnp.asarray(v) for k, v in batch.items() if k != "example_mask"}
+  example_mask = jnp.asarray(batch["example_mask"])
+  example_loss = functools.partial(train.example_loss, model=model, is_regression=True,
+                                   deterministic=True)
+  loss = lambda p: optax_sam.batch_mean(
+      jax.vmap(example_loss, in_axes=(None, 0))(p, examples), example_mask)
+  gradient = jax.jit(jax.grad(loss))
+  optimizer = optax.adamw(1e-4, weight_decay=0.01)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = optimizer.update(gradient(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = pretrained.params, optimizer.init(pretrained.params)
+  for done in range(max(args.steps) + 1):
+    if done in args.steps:
+      print(json.dumps({"adamw_steps": done, "gradient_norm": float(
+          optax.tree.norm(gradient(params))), "orthogonal_ratio": {
+              f"{rho:g}": orthogonal_ratio(gradient, params, rho) for rho in args.rho}}),
+            flush=True)
+    params, state = step(params, state)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
