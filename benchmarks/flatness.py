@@ -24,7 +24,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -58,10 +58,10 @@ def measurement_batch(task: data.Task, tokenizer, *, glue_dir: Optional[str],
   return batch
 
 
-def measure(params: Any, model: model_lib.SequenceClassifier, batch: dict[str, Any], *,
-            is_regression: bool, micro_batch: int, rho: float,
-            iterations: int) -> dict[str, Any]:
-  """Training loss, sharpness at ``rho`` and the top Hessian eigenvalue on ``batch``."""
+def measurement_loss(model: model_lib.SequenceClassifier, batch: dict[str, Any], *,
+                     is_regression: bool, micro_batch: int) -> Callable[[Any], jax.Array]:
+  """``params -> `` the mean per-example loss on ``batch``, dropout off (in micro-batches
+  of ``micro_batch`` rows; ``0``: one example at a time)."""
   example_loss = functools.partial(train.example_loss, model=model,
                                    is_regression=is_regression, deterministic=True)
   example_mask = jnp.asarray(batch["example_mask"])
@@ -72,7 +72,15 @@ def measure(params: Any, model: model_lib.SequenceClassifier, batch: dict[str, A
                                          len(example_mask) // micro_batch)
   else:
     losses = optax_sam.PerExampleLoss(example_loss, examples)
-  loss = lambda p: optax_sam.batch_mean(losses(p), example_mask)
+  return lambda p: optax_sam.batch_mean(losses(p), example_mask)
+
+
+def measure(params: Any, model: model_lib.SequenceClassifier, batch: dict[str, Any], *,
+            is_regression: bool, micro_batch: int, rho: float,
+            iterations: int) -> dict[str, Any]:
+  """Training loss, sharpness at ``rho`` and the top Hessian eigenvalue on ``batch``."""
+  loss = measurement_loss(model, batch, is_regression=is_regression,
+                          micro_batch=micro_batch)
 
   timings = {}
   started = time.perf_counter()
@@ -87,7 +95,7 @@ def measure(params: Any, model: model_lib.SequenceClassifier, batch: dict[str, A
   return {"train_loss": train_loss, "sharpness": sharpness, "rho": rho,
           "top_eigenvalue": history[-1], "eigenvalue_history": history,
           "eigenvalue_relative_change": float(estimate.relative_change),
-          "examples": int(example_mask.sum()), "iterations": iterations,
+          "examples": int(jnp.asarray(batch["example_mask"]).sum()), "iterations": iterations,
           **{k: round(v, 2) for k, v in timings.items()}}
 
 

@@ -219,9 +219,9 @@ _register(Experiment(
     flatness=True))
 
 
-def _method_arm(method: str, *args: str) -> Arm:
+def _method_arm(method: str, *args: str, label: Optional[str] = None) -> Arm:
   rho = COMPARISON_RHO.get(method)
-  return Arm(method, method, (*(("--rho", f"{rho:g}") if rho else ()), *args))
+  return Arm(label or method, method, (*(("--rho", f"{rho:g}") if rho else ()), *args))
 
 
 _register(Experiment(
@@ -248,12 +248,11 @@ _register(Experiment(
 # comparison's rho SAM's own orthogonal component is 1-4% of ||g|| early in fine-tuning,
 # so the paper's 0.7 adds far more than SAM does, and a small alpha is tried beside it.
 _AMORTISED_ARMS = (
-    Arm("looksam@k=5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
-                               "5", "--reuse-alpha", "0.7")),
-    Arm("looksam@k=5,alpha=0.05", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}",
-                                          "--perturb-every", "5", "--reuse-alpha", "0.05")),
-    Arm("sam-every-5", "sam", ("--rho", f"{COMPARISON_RHO['sam']:g}", "--perturb-every",
-                               "5")))
+    _method_arm("sam", "--perturb-every", "5", "--reuse-alpha", "0.7", label="looksam@k=5"),
+    _method_arm("sam", "--perturb-every", "5", "--reuse-alpha", "0.05",
+                label="looksam@k=5,alpha=0.05"),
+    _method_arm("sam", "--perturb-every", "5", label="sam-every-5"))
+
 _register(Experiment(
     name="looksam",
     description=(

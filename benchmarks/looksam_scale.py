@@ -12,7 +12,6 @@ checkpoint, after AdamW steps (lr 1e-4) on that batch. JSON lines.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -22,22 +21,18 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `example
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp
 import optax
 
-import optax_sam
 from optax_sam.core import sharpness
 from benchmarks import flatness
 from benchmarks import glue_quality
 from examples.glue import data
 from examples.glue import model as model_lib
 from examples.glue import pretrained as pretrained_lib
-from examples.glue import train
 
 
-def orthogonal_ratio(gradient, params, rho: float) -> float:
-  """``‖g_v‖ / ‖g‖``: ``g_v`` the part of SAM's gradient orthogonal to ``g``."""
-  clean = gradient(params)
+def orthogonal_ratio(gradient, params, clean, rho: float) -> float:
+  """``‖g_v‖ / ‖g‖``: ``g_v`` the part of SAM's gradient orthogonal to ``g = clean``."""
   norm = optax.tree.norm(clean)
   perturbed = gradient(jax.tree.map(lambda w, g: w + rho * g / norm, params, clean))
   orthogonal = sharpness.orthogonal_component(perturbed, clean)
@@ -60,13 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   batch = flatness.measurement_batch(
       task, pretrained_lib.load_tokenizer(folder), glue_dir=args.glue_dir, train_size=1000,
       data_seed=0, examples=32, max_length=64, micro_batch=0)
-  examples = {k: jnp.asarray(v) for k, v in batch.items() if k != "example_mask"}
-  example_mask = jnp.asarray(batch["example_mask"])
-  example_loss = functools.partial(train.example_loss, model=model, is_regression=True,
-                                   deterministic=True)
-  loss = lambda p: optax_sam.batch_mean(
-      jax.vmap(example_loss, in_axes=(None, 0))(p, examples), example_mask)
-  gradient = jax.jit(jax.grad(loss))
+  gradient = jax.jit(jax.grad(flatness.measurement_loss(
+      model, batch, is_regression=True, micro_batch=len(batch["example_mask"]))))
   optimizer = optax.adamw(1e-4, weight_decay=0.01)
 
   @jax.jit
@@ -77,10 +67,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   params, state = pretrained.params, optimizer.init(pretrained.params)
   for done in range(max(args.steps) + 1):
     if done in args.steps:
+      clean = gradient(params)
       print(json.dumps({"adamw_steps": done, "gradient_norm": float(
-          optax.tree.norm(gradient(params))), "orthogonal_ratio": {
-              f"{rho:g}": orthogonal_ratio(gradient, params, rho) for rho in args.rho}}),
-            flush=True)
+          optax.tree.norm(clean)), "orthogonal_ratio": {
+              f"{rho:g}": orthogonal_ratio(gradient, params, clean, rho)
+              for rho in args.rho}}), flush=True)
     params, state = step(params, state)
   return 0
 
