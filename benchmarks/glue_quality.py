@@ -812,8 +812,59 @@ def _sweep_axis(axis: Any, swept: Sequence[Mapping[str, Any]], *, ylabel: str,
   axis.legend(fontsize=8)
 
 
+def _arm_axis(axis: Any, labels: Sequence[str], *, xlabel: str, title: str) -> None:
+  """One row per arm, top to bottom in the experiment's order."""
+  axis.set_yticks(range(len(labels)), labels)
+  axis.set_ylim(len(labels) - 0.5, -0.5)
+  axis.grid(axis="x", alpha=0.3)
+  axis.set(xlabel=xlabel, title=title)
+
+
+def _differences_panel(axis: Any, records: Sequence[Mapping[str, Any]], reference: str,
+                       task: str) -> None:
+  """Each arm's paired difference to ``reference`` with its 95% interval."""
+  base = next(r for r in records if r["label"] == reference)
+  labels = [r["label"] for r in records]
+  for row, r in enumerate(records):
+    difference = r["differences"].get(reference)
+    if r["label"] == reference or not difference or difference["mean"] is None:
+      continue
+    half = difference["half_width"]
+    axis.errorbar(difference["mean"], row, xerr=half if half is not None else None,
+                  marker="o", capsize=3, color="tab:blue" if half is not None else "grey")
+  axis.axvline(0.0, color="grey", linestyle="--")
+  _arm_axis(axis, labels, xlabel=f"dev score minus {reference}'s (paired, 95% interval)",
+            title=f"{task}: {reference} {_cell(base['score'])}")
+
+
+def _scores_panel(axis: Any, records: Sequence[Mapping[str, Any]], task: str,
+                  trivial: Optional[float]) -> None:
+  """Each arm's dev score, mean ± std, against the task's trivial score."""
+  for row, r in enumerate(records):
+    axis.errorbar(r["score"]["mean"], row, xerr=r["score"]["std"] or None, marker="o",
+                  capsize=3, color="tab:blue")
+  if trivial is not None:
+    axis.axvline(trivial, color="grey", linestyle="--", label="trivial score")
+    axis.legend(fontsize=8, loc="lower left")
+  _arm_axis(axis, [r["label"] for r in records],
+            xlabel="dev score (final epoch), mean ± std", title=task)
+
+
+def _eigenvalue_panel(axis: Any, records: Sequence[Mapping[str, Any]], task: str) -> None:
+  """Each arm's top Hessian eigenvalue, mean ± std over seeds."""
+  for row, r in enumerate(records):
+    eigenvalue = r["flatness"].get("top_eigenvalue")
+    if eigenvalue:
+      axis.errorbar(eigenvalue["mean"], row, xerr=eigenvalue["std"] or None, marker="o",
+                    capsize=3, color="tab:red")
+  _arm_axis(axis, [r["label"] for r in records],
+            xlabel="top Hessian eigenvalue (mean ± std)",
+            title=f"{task}: flatness (lower is flatter)")
+
+
 def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
-  """Per task: the dev score of each arm (mean ± std), and, for swept arms, the sweep."""
+  """Per task: the sweep of swept arms, else each arm's paired difference to the first
+  reference (its dev score where there is none), and the top Hessian eigenvalue."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -822,14 +873,13 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
   tasks = list(dict.fromkeys(r["task"] for r in records))
   flat = any(r["flatness"] for r in records)
   rows = 2 if flat else 1
-  figure, axes = plt.subplots(rows, len(tasks), figsize=(4.2 * len(tasks), 3.6 * rows),
+  figure, axes = plt.subplots(rows, len(tasks), figsize=(5.5 * len(tasks), 3.6 * rows),
                               squeeze=False)
   for column, task in enumerate(tasks):
     mine = [r for r in records if r["task"] == task]
-    swept = [r for r in mine if r["x"] is not None]
+    swept = sorted((r for r in mine if r["x"] is not None), key=lambda r: r["x"])
     axis = axes[0][column]
     if swept:
-      swept.sort(key=lambda r: r["x"])
       axis.errorbar([r["x"] for r in swept], [r["score"]["mean"] for r in swept],
                     yerr=[r["score"]["std"] or 0 for r in swept], marker="o", capsize=3,
                     label=swept[0]["method"])
@@ -839,14 +889,12 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
                        label=r["label"])
       _sweep_axis(axis, swept, ylabel="dev score (final epoch)", title=task)
     else:
-      labels = [r["label"] for r in mine][::-1]
-      axis.barh(labels, [r["score"]["mean"] for r in mine][::-1],
-                xerr=[r["score"]["std"] or 0 for r in mine][::-1], capsize=3,
-                color="tab:blue")
-      low = min(r["score"]["mean"] - (r["score"]["std"] or 0) for r in mine)
-      high = max(r["score"]["mean"] + (r["score"]["std"] or 0) for r in mine)
-      axis.set_xlim(low - 0.2 * (high - low + 1), high + 0.2 * (high - low + 1))
-      axis.set(xlabel="dev score (final epoch), mean ± std", title=task)
+      reference = next((ref for ref in summary.get("references", ())
+                        if any(r["label"] == ref for r in mine)), None)
+      if reference:
+        _differences_panel(axis, mine, reference, task)
+      else:
+        _scores_panel(axis, mine, task, summary.get("trivial_scores", {}).get(task))
     if flat and swept:  # The mechanism against the swept value.
       axis = axes[1][column]
       measured = [r for r in swept if r["flatness"]]
@@ -861,15 +909,7 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
       _sweep_axis(axis, swept, ylabel="top Hessian eigenvalue",
                   title=f"{task}: flatness (lower is flatter)")
     elif flat:
-      axis = axes[1][column]
-      measured = [r for r in mine if r["flatness"]]
-      for r in measured:
-        eig, sharp = r["flatness"]["top_eigenvalue"], r["flatness"]["sharpness"]
-        axis.errorbar(eig["mean"], sharp["mean"], xerr=eig["std"] or 0,
-                      yerr=sharp["std"] or 0, marker="o", capsize=2)
-        axis.annotate(r["label"], (eig["mean"], sharp["mean"]), fontsize=7)
-      axis.set(xlabel="top Hessian eigenvalue", ylabel=f"sharpness (rho "
-               f"{summary['flatness_rho']})", title=f"{task}: flatness (lower is flatter)")
+      _eigenvalue_panel(axes[1][column], mine, task)
   figure.suptitle(f"GLUE dev, {summary['experiment']}")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
@@ -882,6 +922,7 @@ def summarize(results: Sequence[Mapping[str, Any]], *, experiment: Experiment,
   """Aggregates, writes ``summary.{json,md,png}`` under ``root``; returns the summary."""
   summary = {"experiment": experiment.name, "description": experiment.description,
              "meta": dict(meta), "flatness_rho": experiment.flatness_rho,
+             "references": list(experiment.references),
              "counts": {"planned": planned, "results": len(results), "kept": kept},
              "failures": list(failures),
              "trivial_scores": trivial_scores(experiment.tasks, glue_dir),
