@@ -1,12 +1,22 @@
-r"""How large is SAM's orthogonal component against the gradient, on the real model?
+r"""How large are the perturbations' hyperparameters on the real model, next to SAM's ρ?
 
-  python -m benchmarks.looksam_scale --rho 0.01 0.05 --steps 0 10 40
+  python -m benchmarks.perturbation_scale --rho 0.01 0.05 --steps 0 10 40
 
-LookSAM reuses ``g + α (‖g‖/‖g_v‖) g_v`` between perturbing steps: the reused part has
-norm ``α ‖g‖`` whatever ρ is, while in SAM's own gradient it is ``‖g_v‖``. This prints
-``‖g_v‖ / ‖g‖`` (the α at which the reuse adds what SAM itself adds) on one fixed batch of
-STS-B training examples (the flatness benchmark's 32, dropout off) with the embedded
+Scales that the papers set for other models, measured on one fixed batch of STS-B
+training examples (the flatness benchmark's 32, dropout off) with the embedded
 checkpoint, after AdamW steps (lr 1e-4) on that batch. JSON lines.
+
+- LookSAM reuses ``g + α (‖g‖/‖g_v‖) g_v`` between perturbing steps: the reused part has
+  norm ``α ‖g‖`` whatever ρ is, while in SAM's own gradient it is ``‖g_v‖``.
+  ``orthogonal_ratio`` is ``‖g_v‖ / ‖g‖``, the α at which the reuse adds what SAM adds.
+- ASAM perturbs by ``ρ T²g / ‖T g‖`` with ``T = |w| + η``: its norm is ρ times
+  ``asam_norm_ratio = ‖T²g‖ / ‖T g‖``, so ASAM at ``ρ / asam_norm_ratio`` moves the
+  parameters as far as SAM at ρ.
+- GA-SAM (the reconstruction) perturbs by ``ρ ŝ²g / ‖ŝ g‖`` with ``ŝ = min(s / rms(s),
+  max_scale)``: ``gasam_norm_ratio`` is ``‖ŝ²g‖ / ‖ŝ g‖`` with the strength ``s = |g|`` of
+  the current gradient (GA-SAM's first step), at most ``max_scale``.
+
+Both norm ratios are measured on the library's own perturbation pieces built at ρ = 1.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax
 
 from optax_sam.core import sharpness
+from optax_sam import perturbations
 from benchmarks import flatness
 from benchmarks import glue_quality
 from examples.glue import data
@@ -39,10 +50,27 @@ def orthogonal_ratio(gradient, params, clean, rho: float) -> float:
   return float(optax.tree.norm(orthogonal) / norm)
 
 
+def perturbation_norm_ratio(piece: optax.GradientTransformation, params, clean) -> float:
+  """``‖ε‖ / ρ`` of a perturbation built at radius 1, on its first step."""
+  epsilon, _ = piece.update(clean, piece.init(params), params)
+  return float(optax.tree.norm(epsilon))
+
+
+def asam_piece(eta: float) -> optax.GradientTransformation:
+  """ASAM's perturbation at ρ = 1, from the pieces ``optax_sam.asam`` chains."""
+  return optax.chain(perturbations.scale_by_parameter_magnitude(eta),
+                     perturbations.scale_to_radius(1.0),
+                     perturbations.scale_by_parameter_magnitude(eta))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.looksam_scale",
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.perturbation_scale",
                                    description=__doc__.split("\n", 1)[0])
   parser.add_argument("--rho", type=float, nargs="+", default=[0.01, 0.05])
+  parser.add_argument("--asam-eta", type=float, default=0.01,
+                      help="ASAM's eta (T = |w| + eta; the library's default)")
+  parser.add_argument("--gasam-max-scale", type=float, default=10.0,
+                      help="GA-SAM's max_scale (the library's default)")
   parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 40],
                       help="measure after these many AdamW steps")
   parser.add_argument("--glue-dir", default=glue_quality.default_glue_dir(),
@@ -71,7 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(json.dumps({"adamw_steps": done, "gradient_norm": float(
           optax.tree.norm(clean)), "orthogonal_ratio": {
               f"{rho:g}": orthogonal_ratio(gradient, params, clean, rho)
-              for rho in args.rho}}), flush=True)
+              for rho in args.rho},
+          "asam_norm_ratio": perturbation_norm_ratio(asam_piece(args.asam_eta), params,
+                                                     clean),
+          "gasam_norm_ratio": perturbation_norm_ratio(
+              perturbations.gradient_strength_ellipsoid(
+                  1.0, max_scale=args.gasam_max_scale), params, clean)}), flush=True)
     params, state = step(params, state)
   return 0
 
