@@ -815,6 +815,14 @@ def _sweep_axis(axis: Any, swept: Sequence[Mapping[str, Any]], *, ylabel: str,
   axis.legend(fontsize=8)
 
 
+def _reference_line(axis: Any, figure: Mapping[str, Any], label: str) -> None:
+  """An unswept arm across a sweep: its mean, and a band of ± one std over seeds."""
+  axis.axhline(figure["mean"], color="grey", linestyle="--", label=f"{label} (± std)")
+  if figure.get("std"):
+    axis.axhspan(figure["mean"] - figure["std"], figure["mean"] + figure["std"],
+                 color="grey", alpha=0.15)
+
+
 def _arm_axis(axis: Any, labels: Sequence[str], *, xlabel: str, title: str) -> None:
   """One row per arm, top to bottom in the experiment's order."""
   axis.set_yticks(range(len(labels)), labels)
@@ -888,8 +896,7 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
                     label=swept[0]["method"])
       for r in mine:
         if r["x"] is None:
-          axis.axhline(r["score"]["mean"], color="grey", linestyle="--",
-                       label=r["label"])
+          _reference_line(axis, r["score"], r["label"])
       _sweep_axis(axis, swept, ylabel="dev score (final epoch)", title=task)
     else:
       reference = next((ref for ref in summary.get("references", ())
@@ -907,8 +914,7 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
                     label=swept[0]["method"], color="tab:red")
       for r in mine:
         if r["x"] is None and r["flatness"]:
-          axis.axhline(r["flatness"]["top_eigenvalue"]["mean"], color="grey",
-                       linestyle="--", label=r["label"])
+          _reference_line(axis, r["flatness"]["top_eigenvalue"], r["label"])
       _sweep_axis(axis, swept, ylabel="top Hessian eigenvalue",
                   title=f"{task}: flatness (lower is flatter)")
     elif flat:
