@@ -848,29 +848,15 @@ def _differences_panel(axis: Any, records: Sequence[Mapping[str, Any]], referenc
             title=f"{task}: {reference} {_cell(base['score'])}")
 
 
-def _scores_panel(axis: Any, records: Sequence[Mapping[str, Any]], task: str,
-                  trivial: Optional[float]) -> None:
-  """Each arm's dev score, mean ± std, against the task's trivial score."""
-  for row, r in enumerate(records):
-    axis.errorbar(r["score"]["mean"], row, xerr=r["score"]["std"] or None, marker="o",
-                  capsize=3, color="tab:blue")
-  if trivial is not None:
-    axis.axvline(trivial, color="grey", linestyle="--", label="trivial score")
-    axis.legend(fontsize=8, loc="lower left")
-  _arm_axis(axis, [r["label"] for r in records],
-            xlabel="dev score (final epoch), mean ± std", title=task)
-
-
-def _eigenvalue_panel(axis: Any, records: Sequence[Mapping[str, Any]], task: str) -> None:
-  """Each arm's top Hessian eigenvalue, mean ± std over seeds."""
-  for row, r in enumerate(records):
-    eigenvalue = r["flatness"].get("top_eigenvalue")
-    if eigenvalue:
-      axis.errorbar(eigenvalue["mean"], row, xerr=eigenvalue["std"] or None, marker="o",
-                    capsize=3, color="tab:red")
-  _arm_axis(axis, [r["label"] for r in records],
-            xlabel="top Hessian eigenvalue (mean ± std)",
-            title=f"{task}: flatness (lower is flatter)")
+def _points_panel(axis: Any, records: Sequence[Mapping[str, Any]],
+                  figures: Sequence[Optional[Mapping[str, Any]]], *, color: str,
+                  xlabel: str, title: str) -> None:
+  """One point per arm: a figure's mean ± std over seeds (arms without it left blank)."""
+  for row, figure in enumerate(figures):
+    if figure:
+      axis.errorbar(figure["mean"], row, xerr=figure["std"] or None, marker="o",
+                    capsize=3, color=color)
+  _arm_axis(axis, [r["label"] for r in records], xlabel=xlabel, title=title)
 
 
 def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
@@ -904,7 +890,12 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
       if reference:
         _differences_panel(axis, mine, reference, task)
       else:
-        _scores_panel(axis, mine, task, summary.get("trivial_scores", {}).get(task))
+        _points_panel(axis, mine, [r["score"] for r in mine], color="tab:blue",
+                      xlabel="dev score (final epoch), mean ± std", title=task)
+        trivial = summary.get("trivial_scores", {}).get(task)
+        if trivial is not None:
+          axis.axvline(trivial, color="grey", linestyle="--", label="trivial score")
+          axis.legend(fontsize=8, loc="lower left")
     if flat and swept:  # The mechanism against the swept value.
       axis = axes[1][column]
       measured = [r for r in swept if r["flatness"]]
@@ -918,7 +909,10 @@ def plot(summary: Mapping[str, Any], path: pathlib.Path) -> None:
       _sweep_axis(axis, swept, ylabel="top Hessian eigenvalue",
                   title=f"{task}: flatness (lower is flatter)")
     elif flat:
-      _eigenvalue_panel(axes[1][column], mine, task)
+      _points_panel(axes[1][column], mine,
+                    [r["flatness"].get("top_eigenvalue") for r in mine], color="tab:red",
+                    xlabel="top Hessian eigenvalue (mean ± std)",
+                    title=f"{task}: flatness (lower is flatter)")
   figure.suptitle(f"GLUE dev, {summary['experiment']}")
   figure.tight_layout()
   figure.savefig(path, dpi=110)
