@@ -56,13 +56,6 @@ def perturbation_norm_ratio(piece: optax.GradientTransformation, params, clean) 
   return float(optax.tree.norm(epsilon))
 
 
-def asam_piece(eta: float) -> optax.GradientTransformation:
-  """ASAM's perturbation at ρ = 1, from the pieces ``optax_sam.asam`` chains."""
-  return optax.chain(perturbations.scale_by_parameter_magnitude(eta),
-                     perturbations.scale_to_radius(1.0),
-                     perturbations.scale_by_parameter_magnitude(eta))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.perturbation_scale",
                                    description=__doc__.split("\n", 1)[0])
@@ -100,8 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           optax.tree.norm(clean)), "orthogonal_ratio": {
               f"{rho:g}": orthogonal_ratio(gradient, params, clean, rho)
               for rho in args.rho},
-          "asam_norm_ratio": perturbation_norm_ratio(asam_piece(args.asam_eta), params,
-                                                     clean),
+          "asam_norm_ratio": perturbation_norm_ratio(
+              perturbations.parameter_magnitude_ellipsoid(1.0, args.asam_eta), params,
+              clean),
           "gasam_norm_ratio": perturbation_norm_ratio(
               perturbations.gradient_strength_ellipsoid(
                   1.0, max_scale=args.gasam_max_scale), params, clean)}), flush=True)

@@ -21,7 +21,7 @@ def test_asam_ratio_is_the_norm_of_t_squared_g_over_t_g():
   g = _flat(GRADIENT)
   expected = np.linalg.norm(scale ** 2 * g) / np.linalg.norm(scale * g)
   ratio = perturbation_scale.perturbation_norm_ratio(
-      perturbation_scale.asam_piece(eta), PARAMS, GRADIENT)
+      perturbations.parameter_magnitude_ellipsoid(1.0, eta), PARAMS, GRADIENT)
   np.testing.assert_allclose(ratio, expected, rtol=1e-5)
 
 

@@ -153,6 +153,7 @@ def _schedule_cases():
   pieces = [
       (perturbations.scale_to_radius, ("rho",)),
       (perturbations.scale_by_parameter_magnitude, ()),
+      (perturbations.parameter_magnitude_ellipsoid, ("rho",)),
       (perturbations.fisher_mask, ()),
       (perturbations.gradient_strength_ellipsoid, ("rho",)),
       (perturbations.reweighted_ascent, ("rho", "eta")),

@@ -9,6 +9,7 @@ from optax_sam.perturbations.gradient_strength import GradientStrengthState
 from optax_sam.perturbations.gradient_strength import gradient_strength_ellipsoid
 from optax_sam.perturbations.gradient_strength import relative_strength
 from optax_sam.perturbations.gradient_strength import update_strength
+from optax_sam.perturbations.parameter_scaling import parameter_magnitude_ellipsoid
 from optax_sam.perturbations.parameter_scaling import scale_by_parameter_magnitude
 from optax_sam.perturbations.radius import ScaleToRadiusState
 from optax_sam.perturbations.radius import scale_to_radius
