@@ -202,6 +202,44 @@ def test_resume_with_a_corrupt_checkpoint_is_refused(tiny_model, tmp_path, capsy
   _assert_one_error(status, error, "cannot resume from", str(checkpoint), "--overwrite")
 
 
+def _lose_array_files(checkpoint_epoch):
+  """Deletes the files holding the arrays' bytes, keeping the small metadata files, as an
+  interrupted copy of the folder does."""
+  data = [p for p in (checkpoint_epoch / "state").rglob("*")
+          if p.is_file() and p.parent.name == "d"]
+  assert data
+  for path in data:
+    path.unlink()
+
+
+def test_resume_with_lost_array_files_is_refused(tiny_model, tmp_path, capsys):
+  resume = _interrupted_run(tiny_model, tmp_path)
+  checkpoint = tmp_path / train.CHECKPOINT_FILE
+  _lose_array_files(checkpoint / "1")
+  status, error = _status_and_error(resume, capsys)
+  _assert_one_error(status, error, "cannot resume from", str(checkpoint / "1"),
+                    "is damaged", "--overwrite")
+
+
+def test_a_damaged_last_checkpoint_is_passed_over_for_the_one_before(tiny_model, tmp_path,
+                                                                     capsys):
+  flags = ("--epochs", "3", "--max-steps", "99")
+  assert train.main(_argv(tiny_model, tmp_path / "whole", *flags)) == 0
+  folder = tmp_path / "run"
+  assert train.main(_argv(tiny_model, folder, *flags, "--stop-after-epoch", "2")) == 0
+  _lose_array_files(folder / train.CHECKPOINT_FILE / "2")
+  capsys.readouterr()
+  assert train.main(_argv(tiny_model, folder, *flags, "--resume")) == 0
+  captured = capsys.readouterr()
+  assert f"warning: the checkpoint {folder / train.CHECKPOINT_FILE / '2'} is damaged" in (
+      captured.err)
+  assert "after epoch 1" in captured.out
+  # Epoch 2 is trained again from epoch 1's checkpoint, and the log keeps one record of it.
+  assert [r["epoch"] for r in _log(folder) if r["event"] == "eval"] == [1, 2, 3]
+  jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "whole"),
+               _final_params(folder))
+
+
 @pytest.mark.parametrize("damage, expected", [
     ("delete_settings", "settings"),
     ("half_write_settings", "settings"),

@@ -96,9 +96,9 @@ def test_dev_evaluation_and_the_exported_model_use_the_raw_weights(tiny_model, t
                               dropout_key=jax.random.PRNGKey(0))
   on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   checkpoints = train.checkpoints_lib.Checkpoints(tmp_path / train.CHECKPOINT_FILE)
-  state, _, _ = checkpoints.restore(jax.tree.map(
+  state = checkpoints.restore(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x),
-                                     sharding=on_one_device), template))
+                                     sharding=on_one_device), template)).state
   checkpoints.close()
   jax.tree.map(np.testing.assert_array_equal, exported, state.params)
 

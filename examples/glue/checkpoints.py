@@ -6,7 +6,8 @@ sharded parameters and optimizer state) and ``settings`` (the run's settings, JS
 State and settings are written together and committed together (Orbax writes into a
 temporary folder and renames it when every process is done), so a resumed run always
 checks the settings of the very state it loads; a half-written checkpoint is never
-listed. Saving returns as soon as the state is copied off the devices; the files are
+listed. A checkpoint damaged later (a disk error, files lost in a copy) is passed over
+for the one before it, which is why two are kept. Saving returns as soon as the state is copied off the devices; the files are
 written in the background while training goes on (``wait`` before reading them).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,6 +25,21 @@ KEEP = 2  # checkpoints kept: the last, and the one before in case the last is d
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be resumed from (damaged, or missing its settings)."""
+
+
+class Restored(NamedTuple):
+  """A checkpoint read back by :meth:`Checkpoints.restore`.
+
+  Attributes:
+    state: the training state.
+    settings: the run's settings saved with it.
+    epoch: the epoch after which it was saved.
+    damaged: why each later checkpoint could not be read (empty when the latest was).
+  """
+  state: Any
+  settings: dict[str, Any]
+  epoch: int
+  damaged: tuple[str, ...]
 
 
 class Checkpoints:
@@ -51,8 +67,9 @@ class Checkpoints:
     self._manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), settings=ocp.args.JsonSave(settings)))
 
-  def restore(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int]:
-    """Reads the latest checkpoint.
+  def restore(self, abstract_state: Any) -> Restored:
+    """Reads the latest checkpoint that can be read, going back to the one before it
+    when it is damaged.
 
     Args:
       abstract_state: the state's structure, as ``jax.ShapeDtypeStruct`` leaves carrying
@@ -60,14 +77,27 @@ class Checkpoints:
         different number of devices or mesh).
 
     Returns:
-      ``(state, settings, epoch)``.
+      A :class:`Restored`: the state, its settings, its epoch, and what was wrong with
+      each later checkpoint passed over.
 
     Raises:
-      CheckpointError: when there is none, or it cannot be read.
+      CheckpointError: when there is none, or none can be read (the message says what is
+        wrong with each).
     """
-    epoch = self.latest_epoch()
-    if epoch is None:
+    epochs = sorted(self._manager.all_steps(), reverse=True)
+    if not epochs:
       raise CheckpointError(f"no checkpoint in {self.directory}")
+    damaged = []
+    for epoch in epochs:
+      try:
+        state, settings = self._restore_epoch(epoch, abstract_state)
+      except CheckpointError as error:
+        damaged.append(str(error))
+        continue
+      return Restored(state, settings, epoch, tuple(damaged))
+    raise CheckpointError("; ".join(damaged))
+
+  def _restore_epoch(self, epoch: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     where = self.directory / str(epoch)
     try:
       settings = self._manager.restore(
@@ -80,10 +110,11 @@ class Checkpoints:
     try:
       state = self._manager.restore(
           epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, LookupError, OSError, TypeError) as error:
+    # TensorStore reports a missing or truncated array file as a bare Exception.
+    except Exception as error:  # pylint: disable=broad-exception-caught
       raise CheckpointError(f"the checkpoint {where} is damaged ({_first_line(error)})"
                             ) from None
-    return state.state, settings, epoch
+    return state.state, settings
 
   def wait(self) -> None:
     """Blocks until every checkpoint started is on disk."""

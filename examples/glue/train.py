@@ -5,9 +5,10 @@ r"""Fine-tunes a BERT-family encoder on a GLUE task with an optax-sam method.
 
 Each epoch ends with an evaluation on the dev set, a line in ``<output-dir>/log.jsonl``,
 an updated ``<output-dir>/curves.png`` and a checkpoint from which ``--resume``
-continues to the same final parameters as an uninterrupted run. The fine-tuned model is
-written to ``<output-dir>/model`` as a Hugging Face folder, and the training checkpoint is
-then deleted (``--keep-checkpoint`` keeps it).
+continues to the same final parameters as an uninterrupted run (the last two are kept:
+a damaged last checkpoint is passed over, with a warning, for the one before). The
+fine-tuned model is written to ``<output-dir>/model`` as a Hugging Face folder, and the
+training checkpoint is then deleted (``--keep-checkpoint`` keeps it).
 
 The step runs over a ``data × fsdp`` mesh of devices (``--mesh``): the batch is split
 over all of them, and the parameters and optimizer state over ``fsdp`` (fully sharded data
@@ -555,12 +556,15 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
     if resuming:
       # The settings checked are those saved with the state, in the same checkpoint.
       try:
-        state, saved_settings, first_epoch = checkpoints.restore(jax.tree.map(
+        state, saved_settings, first_epoch, damaged = checkpoints.restore(jax.tree.map(
             lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
             abstract_state, state_sharding))
       except checkpoints_lib.CheckpointError as error:
         raise UsageError(f"cannot resume from {checkpoint_path}: {error}; start afresh "
                          "with --overwrite") from None
+      if lead:
+        for problem in damaged:
+          print(f"warning: {problem}; resuming from an earlier checkpoint", file=sys.stderr)
       _check_resumable(saved_settings, run_config)
       if lead:
         truncate_log(log_path, int(state.step))
