@@ -227,14 +227,18 @@ def test_a_damaged_last_checkpoint_is_passed_over_for_the_one_before(tiny_model,
   assert train.main(_argv(tiny_model, tmp_path / "whole", *flags)) == 0
   folder = tmp_path / "run"
   assert train.main(_argv(tiny_model, folder, *flags, "--stop-after-epoch", "2")) == 0
-  _lose_array_files(folder / train.CHECKPOINT_FILE / "2")
+  checkpoints = folder / train.CHECKPOINT_FILE
+  _lose_array_files(checkpoints / "2")
   capsys.readouterr()
-  assert train.main(_argv(tiny_model, folder, *flags, "--resume")) == 0
+  resume = _argv(tiny_model, folder, *flags, "--resume")
+  assert train.main([*resume, "--stop-after-epoch", "2"]) == 0
   captured = capsys.readouterr()
-  assert f"warning: the checkpoint {folder / train.CHECKPOINT_FILE / '2'} is damaged" in (
-      captured.err)
+  assert f"warning: the checkpoint {checkpoints / '2'} is damaged" in captured.err
   assert "after epoch 1" in captured.out
-  # Epoch 2 is trained again from epoch 1's checkpoint, and the log keeps one record of it.
+  # Epoch 2 is trained again from epoch 1's checkpoint and checkpointed anew.
+  assert train.checkpoints_lib.latest_epoch(checkpoints) == 2
+  assert train.main(resume) == 0
+  assert "warning" not in capsys.readouterr().err
   assert [r["epoch"] for r in _log(folder) if r["event"] == "eval"] == [1, 2, 3]
   jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "whole"),
                _final_params(folder))

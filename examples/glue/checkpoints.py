@@ -7,8 +7,9 @@ State and settings are written together and committed together (Orbax writes int
 temporary folder and renames it when every process is done), so a resumed run always
 checks the settings of the very state it loads; a half-written checkpoint is never
 listed. A checkpoint damaged later (a disk error, files lost in a copy) is passed over
-for the one before it, which is why two are kept. Saving returns as soon as the state is copied off the devices; the files are
-written in the background while training goes on (``wait`` before reading them).
+for the one before it, which is why two are kept. Saving returns as soon as the state is
+copied off the devices; the files are written in the background while training goes on
+(``wait`` before reading them).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Checkpoints:
 
     Returns:
       A :class:`Restored`: the state, its settings, its epoch, and what was wrong with
-      each later checkpoint passed over.
+      each later checkpoint passed over (those are deleted: nothing in them can be read,
+      and the epochs they held are trained again).
 
     Raises:
       CheckpointError: when there is none, or none can be read (the message says what is
@@ -94,6 +96,10 @@ class Checkpoints:
       except CheckpointError as error:
         damaged.append(str(error))
         continue
+      # Orbax saves no step at or below its latest one: the unreadable later checkpoints
+      # would keep the epochs trained again from being checkpointed.
+      for later in epochs[:len(damaged)]:
+        self._manager.delete(later)
       return Restored(state, settings, epoch, tuple(damaged))
     raise CheckpointError("; ".join(damaged))
 

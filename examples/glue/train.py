@@ -564,7 +564,8 @@ def train(args: argparse.Namespace) -> Optional[dict[str, float]]:
                          "with --overwrite") from None
       if lead:
         for problem in damaged:
-          print(f"warning: {problem}; resuming from an earlier checkpoint", file=sys.stderr)
+          print(f"warning: {problem}; deleted it and resuming from an earlier "
+                "checkpoint", file=sys.stderr)
       _check_resumable(saved_settings, run_config)
       if lead:
         truncate_log(log_path, int(state.step))
