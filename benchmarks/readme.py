@@ -1,4 +1,4 @@
-r"""The generated regions of ``benchmarks/README.md``: tables made from committed results.
+r"""The generated regions of the READMEs: tables made from committed results.
 
 A region of the README is delimited by two comments, each alone on its line::
 
@@ -7,9 +7,9 @@ A region of the README is delimited by two comments, each alone on its line::
   <!-- end generated -->
 
 and ``REGIONS`` maps its name to a function that returns its Markdown, read from the
-committed result files. Rewrite every region after publishing new results::
+committed result files. Rewrite every region of ``READMES`` after publishing new results::
 
-  python -m benchmarks.readme           # rewrites benchmarks/README.md
+  python -m benchmarks.readme           # rewrites README.md and benchmarks/README.md
   python -m benchmarks.readme --check   # exit status 1 if a region is out of date
 
 Adding a generated table is one entry in ``REGIONS`` and one pair of comments.
@@ -32,7 +32,7 @@ from benchmarks import common  # pylint: disable=wrong-import-position
 from benchmarks import glue_quality  # pylint: disable=wrong-import-position
 from benchmarks import step_cost_report  # pylint: disable=wrong-import-position
 
-README = common.ROOT / "benchmarks" / "README.md"
+READMES = (common.ROOT / "README.md", common.ROOT / "benchmarks" / "README.md")
 # Each comment stands alone on its line.
 _REGION = re.compile(
     r"^(<!-- generated: (?P<name>[^>]+?) -->\n)(?P<body>.*?)^(<!-- end generated -->)$",
@@ -111,6 +111,41 @@ def step_cost_goals(kind: str, repeats: Sequence[str]) -> str:
   return common.markdown_table(header, rows, align="lr" + "r" * len(runs) + "l")
 
 
+# How README.md names each arm of the comparison.
+_METHOD_NAMES = {
+    "adamw": "AdamW", "sam": "SAM", "fsam": "FSAM", "delta-sam": "δ-SAM",
+    "asam": "ASAM", "gasam": "GA-SAM", "per-instance-sam": "per-instance SAM",
+    "dps": "DPS", "dps-mix": "DPS-Mix", "child-tuning-d": "Child-Tuning_D",
+    "mixout": "Mixout"}
+_TASK_TITLES = {"stsb": "STS-B (Pearson/Spearman × 100)", "sst2": "SST-2 (accuracy)"}
+
+
+def comparison_headline(task: str) -> str:
+  """README.md's table of one task of the comparison: the arms every seed has finished.
+
+  Dev score of the final epoch, its paired difference to AdamW with the 95% interval and
+  the top Hessian eigenvalue; an arm still missing a planned seed is left out, so that the
+  table only ever shows complete arms.
+  """
+  summary = _load(common.RESULTS / "glue_quality" / "comparison" / "summary.json")
+  experiment = glue_quality.EXPERIMENTS["comparison"]
+  planned = {arm.label: len(block.seeds) for block in experiment.blocks
+             if task in block.tasks for arm in block.arms}
+  rows = []
+  for r in summary["aggregate"]:
+    if r["task"] != task or len(r["seeds"]) < planned.get(r["label"], 1):
+      continue
+    name = _METHOD_NAMES.get(r["method"], r["method"])
+    rho = glue_quality.COMPARISON_RHO.get(r["label"])
+    rows.append([f"{name} (ρ {rho:g})" if rho else name,
+                 glue_quality.score_cell(r["score"]),
+                 "" if r["label"] == "adamw" else
+                 glue_quality.difference_cell(r["differences"].get("adamw")),
+                 glue_quality.figure_cell((r["flatness"] or {}).get("top_eigenvalue"))])
+  return common.markdown_table(
+      [_TASK_TITLES[task], "dev score", "vs AdamW", "top eigenvalue"], rows, align="lrrr")
+
+
 # Region name -> its Markdown, from committed files.
 def glue_quality_scores(experiment: str) -> str:
   """The scores table of ``results/glue_quality/<experiment>/summary.json``."""
@@ -123,6 +158,8 @@ def glue_quality_scores(experiment: str) -> str:
 
 
 REGIONS: dict[str, Callable[[], str]] = {
+    "what-the-methods-buy stsb": functools.partial(comparison_headline, "stsb"),
+    "what-the-methods-buy sst2": functools.partial(comparison_headline, "sst2"),
     "glue-quality calibration": functools.partial(glue_quality_scores, "calibration"),
     "glue-quality rho": functools.partial(glue_quality_scores, "rho"),
     "glue-quality looksam": functools.partial(glue_quality_scores, "looksam"),
@@ -162,18 +199,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--check", action="store_true",
                       help="do not write; exit 1 if a region is out of date")
   args = parser.parse_args(argv)
-  text = README.read_text(encoding="utf-8")
-  fresh = regenerate(text)
-  if args.check:
-    if fresh != text:
-      print(f"{README} has out-of-date generated regions: run python -m benchmarks.readme",
-            file=sys.stderr)
-      return 1
-    return 0
-  README.write_text(fresh, encoding="utf-8")
-  print(f"regenerated {len(_START.findall(text))} region(s) of {README}")
-  return 0
-
+  stale = []
+  for readme in READMES:
+    text = readme.read_text(encoding="utf-8")
+    fresh = regenerate(text)
+    if args.check:
+      stale += [readme] if fresh != text else []
+      continue
+    readme.write_text(fresh, encoding="utf-8")
+    print(f"regenerated {len(_START.findall(text))} region(s) of {readme}")
+  for readme in stale:
+    print(f"{readme} has out-of-date generated regions: run python -m benchmarks.readme",
+          file=sys.stderr)
+  return 1 if stale else 0
 
 if __name__ == "__main__":
   sys.exit(main())

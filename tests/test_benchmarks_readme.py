@@ -1,4 +1,6 @@
-"""benchmarks/README.md's generated tables are the committed results, and stay so."""
+"""The READMEs' generated tables are the committed results, and stay so."""
+
+import json
 
 import pytest
 
@@ -6,10 +8,11 @@ from benchmarks import readme
 
 
 def test_generated_regions_are_the_committed_results():
-  text = readme.README.read_text(encoding="utf-8")
-  assert readme.regenerate(text) == text, "run: python -m benchmarks.readme"
+  texts = [path.read_text(encoding="utf-8") for path in readme.READMES]
+  for path, text in zip(readme.READMES, texts):
+    assert readme.regenerate(text) == text, f"{path}: run python -m benchmarks.readme"
   for name in readme.REGIONS:
-    assert text.count(f"<!-- generated: {name} -->") == 1, name
+    assert sum(text.count(f"<!-- generated: {name} -->") for text in texts) == 1, name
   assert readme.main(["--check"]) == 0
 
 
@@ -37,3 +40,24 @@ def test_a_goal_is_met_or_missed_only_where_every_run_agrees():
   assert verdict(goals(1.06, 1.081)) == "**missed by 1.0–3.1 points**"
   assert verdict(goals(1.5, 1.7)) == "**missed by 45–65 points**"
   assert verdict(goals(1.06, 1.06)) == "**missed by 1.0 points**"
+
+
+def test_the_headline_shows_only_arms_every_planned_seed_finished(tmp_path, monkeypatch):
+  def record(label, seeds, difference=None):
+    return {"task": "stsb", "label": label, "method": label, "seeds": seeds,
+            "score": {"mean": 80.0, "std": 0.5},
+            "differences": {"adamw": difference} if difference else {},
+            "flatness": {"top_eigenvalue": {"mean": 576.4, "std": 163.2}}}
+
+  folder = tmp_path / "glue_quality" / "comparison"
+  folder.mkdir(parents=True)
+  (folder / "summary.json").write_text(json.dumps({"aggregate": [
+      record("adamw", [0, 1, 2]),
+      record("sam", [0, 1, 2], {"mean": -1.2, "ci_low": -4.5, "ci_high": 2.1}),
+      record("fsam", [0, 1])]}))
+  monkeypatch.setattr(readme.common, "RESULTS", tmp_path)
+  assert readme.comparison_headline("stsb").splitlines() == [
+      "| STS-B (Pearson/Spearman × 100) | dev score | vs AdamW | top eigenvalue |",
+      "| --- | ---: | ---: | ---: |",
+      "| AdamW | 80.0 ± 0.5 |  | 576 ± 163 |",
+      "| SAM (ρ 0.01) | 80.0 ± 0.5 | -1.2 [-4.5, +2.1] | 576 ± 163 |"]

@@ -191,15 +191,9 @@ def _interrupted_run(tiny_model, folder):
   return _argv(tiny_model, folder, *flags, "--resume")
 
 
-def test_resume_with_a_corrupt_checkpoint_is_refused(tiny_model, tmp_path, capsys):
-  resume = _interrupted_run(tiny_model, tmp_path)
-  checkpoint = tmp_path / train.CHECKPOINT_FILE
-  files = [checkpoint] if checkpoint.is_file() else [
-      p for p in checkpoint.rglob("*") if p.is_file()]
-  for path in files:
+def _halve_every_file(checkpoint_epoch):
+  for path in (p for p in checkpoint_epoch.rglob("*") if p.is_file()):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-  status, error = _status_and_error(resume, capsys)
-  _assert_one_error(status, error, "cannot resume from", str(checkpoint), "--overwrite")
 
 
 def _lose_array_files(checkpoint_epoch):
@@ -212,13 +206,18 @@ def _lose_array_files(checkpoint_epoch):
     path.unlink()
 
 
-def test_resume_with_lost_array_files_is_refused(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("damage, expected", [
+    (_halve_every_file, ()),
+    (_lose_array_files, ("is damaged",)),
+])
+def test_resume_with_a_corrupt_checkpoint_is_refused(damage, expected, tiny_model, tmp_path,
+                                                     capsys):
   resume = _interrupted_run(tiny_model, tmp_path)
   checkpoint = tmp_path / train.CHECKPOINT_FILE
-  _lose_array_files(checkpoint / "1")
+  damage(checkpoint / "1")
   status, error = _status_and_error(resume, capsys)
-  _assert_one_error(status, error, "cannot resume from", str(checkpoint / "1"),
-                    "is damaged", "--overwrite")
+  _assert_one_error(status, error, "cannot resume from", str(checkpoint / "1"), *expected,
+                    "--overwrite")
 
 
 def test_a_damaged_last_checkpoint_is_passed_over_for_the_one_before(tiny_model, tmp_path,

@@ -118,11 +118,11 @@ def test_aggregates_scores_differences_and_flatness_and_skips_finished_runs(tmp_
     assert (tmp_path / name).is_file()
   markdown = (tmp_path / "summary.md").read_text()
   assert "| rte | `fsam` | 3 | 62.7 ± 1.5 | 63.7 ± 1.5 | +2.7 [" in markdown
-  assert "| rte | `sam` | 31 ± 1 | 0.031 ± 0.001 | 0.1 ± 0 | yes |" in markdown
+  assert "| rte | `sam` | 31.0 ± 1.0 | 0.0310 ± 0.0010 | 0.100 ± 0 | yes |" in markdown
   # The scores table carries the flatness figures beside the differences.
   assert "| top Hessian eigenvalue | sharpness (ρ = 0.01) | minutes per run |" in markdown
-  assert ("| rte | `sam` | 3 | 63.0 ± 3.0 | 64.0 ± 3.0 | +3.0 [+0.5, +5.5] | - | 31 ± 1 | "
-          "0.031 ± 0.001 | 2.0 ± 0.0 |") in markdown
+  assert ("| rte | `sam` | 3 | 63.0 ± 3.0 | 64.0 ± 3.0 | +3.0 [+0.5, +5.5] | - | 31.0 ± 1.0 | "
+          "0.0310 ± 0.0010 | 2.0 ± 0.0 |") in markdown
 
   # A second invocation keeps every finished run and runs only what is missing.
   (tmp_path / "runs" / "stsb" / "sam" / "seed2" / "result.json").unlink()
