@@ -164,6 +164,7 @@ REGIONS: dict[str, Callable[[], str]] = {
     "glue-quality rho": functools.partial(glue_quality_scores, "rho"),
     "glue-quality looksam": functools.partial(glue_quality_scores, "looksam"),
     "glue-quality comparison": functools.partial(glue_quality_scores, "comparison"),
+    "glue-quality full-data": functools.partial(glue_quality_scores, "full-data"),
     "step-cost cpu-2core": functools.partial(step_cost_rows, "cpu-2core"),
     "step-cost-goals cpu-2core": functools.partial(
         step_cost_goals, "cpu-2core", ("repeat-5x2", "repeat-3x1")),
