@@ -725,6 +725,7 @@ def trivial_scores(tasks: Sequence[str], glue_dir: Optional[str]) -> dict[str, f
 
 
 def score_cell(entry: Optional[Mapping[str, Any]], digits: int = 1) -> str:
+  """A mean ± std over seeds (the mean alone for one seed): a score, minutes."""
   if not entry or entry.get("mean") is None:
     return "-"
   text = f"{entry['mean']:.{digits}f}"
@@ -734,6 +735,7 @@ def score_cell(entry: Optional[Mapping[str, Any]], digits: int = 1) -> str:
 
 
 def difference_cell(entry: Optional[Mapping[str, Any]]) -> str:
+  """A paired difference with its 95% interval (the mean alone for one seed)."""
   if not entry or entry.get("mean") is None:
     return "-"
   text = f"{entry['mean']:+.1f}"

@@ -214,5 +214,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
   return 1 if stale else 0
 
+
 if __name__ == "__main__":
   sys.exit(main())
