@@ -21,7 +21,9 @@ the run folder is committed. The
 script is resumable: a run whose ``result.json`` exists is skipped, an interrupted run
 continues from its last epoch, and a run that another experiment beside this one already
 made with the same flags (e.g. AdamW seed 0 of the rho sweep and of the comparison) is
-copied, not trained again (its ``result.json`` says ``reused_from``).
+copied, not trained again (its ``result.json`` says ``reused_from``); a run that another
+invocation is training (it holds ``<run folder>.lock``) is left to it and listed as failed
+here.
 
 The summary gives per task the dev score (the mean of the task's official metrics,
 x 100) as mean +- std over seeds, the paired difference to each reference arm with a 95%
@@ -35,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -44,7 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `examples` importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -57,6 +61,8 @@ from benchmarks import common
 SCRIPT = "benchmarks/glue_quality.py"
 RESULT_FILE = "result.json"
 FLATNESS_FILE = "flatness.json"
+# Held while an invocation trains a run, beside its folder (never committed with it).
+LOCK_SUFFIX = ".lock"
 # Official metrics of the tasks the experiments use (examples.glue.data.TASKS agrees).
 TASK_METRICS = {"rte": ("accuracy",), "mrpc": ("f1", "accuracy"),
                 "stsb": ("pearson", "spearman"), "cola": ("matthews_corr",),
@@ -525,13 +531,44 @@ Trainer = Callable[[Run, pathlib.Path], int]
 Measurer = Callable[[Run, pathlib.Path, float], int]
 
 
+@contextlib.contextmanager
+def run_lock(folder: pathlib.Path) -> Iterator[None]:
+  """Holds the run's lock file, ``<folder>.lock``, while the block runs.
+
+  Two invocations whose plans share a run (two queues of experiments, say) would
+  otherwise train it into the same folder at once. The operating system releases the
+  lock when its process dies, so a run interrupted by a crash is resumed normally.
+
+  Raises:
+    RuntimeError: if another live process holds it.
+  """
+  path = folder.with_name(folder.name + LOCK_SUFFIX)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise RuntimeError(f"another invocation is training it (it holds {path})") from None
+    try:
+      yield
+    finally:
+      path.unlink(missing_ok=True)
+
+
 def _train_and_measure(run: Run, folder: pathlib.Path, experiment: Experiment,
                        trainer: Trainer, measurer: Measurer) -> dict[str, Any]:
   """Trains one run and measures its flatness; returns its ``result.json`` record.
 
   Raises:
-    RuntimeError, OSError: if either step failed (the message says where to look).
+    RuntimeError, OSError: if either step failed, or another invocation is training the
+      run (the message says where to look).
   """
+  with run_lock(folder):
+    return _train_and_measure_locked(run, folder, experiment, trainer, measurer)
+
+
+def _train_and_measure_locked(run: Run, folder: pathlib.Path, experiment: Experiment,
+                              trainer: Trainer, measurer: Measurer) -> dict[str, Any]:
   status = trainer(run, folder)
   if status != 0:
     raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")

@@ -179,6 +179,22 @@ def test_records_failures_and_goes_on(tmp_path):
   assert not (tmp_path / "runs" / "rte" / "sam" / "seed0" / "result.json").exists()
 
 
+def test_a_run_another_invocation_is_training_is_left_to_it(tmp_path):
+  folder = tmp_path / "runs" / "rte" / "sam" / "seed0"
+  calls = []
+  with glue_quality.run_lock(folder):
+    summary = _run(["--tasks", "rte", "--methods", "sam", "--seeds", "0",
+                    "--output-dir", str(tmp_path)], calls)
+  assert ("rte", "sam", 0) not in calls and ("rte", "adamw", 0) in calls
+  assert summary["failures"] == [
+      f"rte/sam/seed0: another invocation is training it (it holds {folder}.lock)"]
+  # Released, the run trains, and no lock file is left beside it.
+  _run(["--tasks", "rte", "--methods", "sam", "--seeds", "0", "--output-dir",
+        str(tmp_path)], calls)
+  assert ("rte", "sam", 0) in calls and (folder / "result.json").exists()
+  assert not list(tmp_path.rglob("*.lock"))
+
+
 def test_capped_runs_do_not_touch_the_committed_results():
   capped = glue_quality.parse_args(["--experiment", "toy", "--max-steps", "5"])
   assert glue_quality.output_root(capped) == common.ROOT / "runs" / "glue_quality" / "toy"
