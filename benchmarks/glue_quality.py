@@ -564,22 +564,17 @@ def _train_and_measure(run: Run, folder: pathlib.Path, experiment: Experiment,
       run (the message says where to look).
   """
   with run_lock(folder):
-    return _train_and_measure_locked(run, folder, experiment, trainer, measurer)
-
-
-def _train_and_measure_locked(run: Run, folder: pathlib.Path, experiment: Experiment,
-                              trainer: Trainer, measurer: Measurer) -> dict[str, Any]:
-  status = trainer(run, folder)
-  if status != 0:
-    raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
-  log = read_log(folder)
-  flatness = None
-  if experiment.flatness:
-    status = measurer(run, folder, experiment.flatness_rho)
+    status = trainer(run, folder)
     if status != 0:
-      raise RuntimeError(f"flatness: exit status {status}; see {folder / 'flatness.out'}")
-    flatness = json.loads((folder / FLATNESS_FILE).read_text(encoding="utf-8"))
-  return result_record(run, log, flatness)
+      raise RuntimeError(f"exit status {status}; see {folder / 'train.out'}")
+    log = read_log(folder)
+    flatness = None
+    if experiment.flatness:
+      status = measurer(run, folder, experiment.flatness_rho)
+      if status != 0:
+        raise RuntimeError(f"flatness: exit status {status}; see {folder / 'flatness.out'}")
+      flatness = json.loads((folder / FLATNESS_FILE).read_text(encoding="utf-8"))
+    return result_record(run, log, flatness)
 
 
 def execute(runs: Sequence[Run], root: pathlib.Path, experiment: Experiment, *,
