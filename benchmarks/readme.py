@@ -117,7 +117,6 @@ _METHOD_NAMES = {
     "asam": "ASAM", "gasam": "GA-SAM", "per-instance-sam": "per-instance SAM",
     "dps": "DPS", "dps-mix": "DPS-Mix", "child-tuning-d": "Child-Tuning_D",
     "mixout": "Mixout"}
-_TASK_TITLES = {"stsb": "STS-B (Pearson/Spearman × 100)", "sst2": "SST-2 (accuracy)"}
 
 
 def comparison_headline(task: str) -> str:
@@ -127,6 +126,8 @@ def comparison_headline(task: str) -> str:
   the top Hessian eigenvalue; an arm still missing a planned seed is left out, so that the
   table only ever shows complete arms.
   """
+  # Here, not at the top: it imports transformers, which no other region needs.
+  from examples.glue import data  # pylint: disable=g-import-not-at-top
   summary = _load(common.RESULTS / "glue_quality" / "comparison" / "summary.json")
   experiment = glue_quality.EXPERIMENTS["comparison"]
   planned = {arm.label: len(block.seeds) for block in experiment.blocks
@@ -142,8 +143,10 @@ def comparison_headline(task: str) -> str:
                  "" if r["label"] == "adamw" else
                  glue_quality.difference_cell(r["differences"].get("adamw")),
                  glue_quality.figure_cell((r["flatness"] or {}).get("top_eigenvalue"))])
+  title = (f"{data.get_task(task).folder} "
+           f"({'/'.join(glue_quality.TASK_METRICS[task])} × 100)")
   return common.markdown_table(
-      [_TASK_TITLES[task], "dev score", "vs AdamW", "top eigenvalue"], rows, align="lrrr")
+      [title, "dev score", "vs AdamW", "top eigenvalue"], rows, align="lrrr")
 
 
 # Region name -> its Markdown, from committed files.

@@ -57,7 +57,7 @@ def test_the_headline_shows_only_arms_every_planned_seed_finished(tmp_path, monk
       record("fsam", [0, 1])]}))
   monkeypatch.setattr(readme.common, "RESULTS", tmp_path)
   assert readme.comparison_headline("stsb").splitlines() == [
-      "| STS-B (Pearson/Spearman × 100) | dev score | vs AdamW | top eigenvalue |",
+      "| STS-B (pearson/spearman × 100) | dev score | vs AdamW | top eigenvalue |",
       "| --- | ---: | ---: | ---: |",
       "| AdamW | 80.0 ± 0.5 |  | 576 ± 163 |",
       "| SAM (ρ 0.01) | 80.0 ± 0.5 | -1.2 [-4.5, +2.1] | 576 ± 163 |"]
