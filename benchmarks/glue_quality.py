@@ -255,7 +255,8 @@ _register(Experiment(
             _method_arm("mixout", "--dropout", "0"))),
         # The central question, whether SAM beats AdamW, gets five seeds where three left
         # an interval several points wide; every other arm is paired over seeds 0-2.
-        Block(("stsb",), (3, 4), (Arm("adamw", "adamw", reference=None), _method_arm("sam"))),
+        Block(("stsb",), (3, 4),
+              (Arm("adamw", "adamw", reference=None), _method_arm("sam"))),
     ),
     references=("adamw", "sam"),
     flatness=True))

@@ -18,6 +18,7 @@ Adding a generated table is one entry in ``REGIONS`` and one pair of comments.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import pathlib
@@ -130,8 +131,9 @@ def comparison_headline(task: str) -> str:
   from examples.glue import data  # pylint: disable=g-import-not-at-top
   summary = _load(common.RESULTS / "glue_quality" / "comparison" / "summary.json")
   experiment = glue_quality.EXPERIMENTS["comparison"]
-  planned = {arm.label: len(block.seeds) for block in experiment.blocks
-             if task in block.tasks for arm in block.arms}
+  # Over all blocks: an arm may have seeds in several (AdamW and SAM on STS-B do).
+  planned = collections.Counter(
+      run.label for run in glue_quality.plan(experiment, tasks=[task]))
   rows = []
   for r in summary["aggregate"]:
     if r["task"] != task or len(r["seeds"]) < planned.get(r["label"], 1):

@@ -51,13 +51,23 @@ def test_the_headline_shows_only_arms_every_planned_seed_finished(tmp_path, monk
 
   folder = tmp_path / "glue_quality" / "comparison"
   folder.mkdir(parents=True)
-  (folder / "summary.json").write_text(json.dumps({"aggregate": [
-      record("adamw", [0, 1, 2]),
-      record("sam", [0, 1, 2], {"mean": -1.2, "ci_low": -4.5, "ci_high": 2.1}),
-      record("fsam", [0, 1])]}))
   monkeypatch.setattr(readme.common, "RESULTS", tmp_path)
+  # AdamW and SAM have five planned seeds on STS-B, from two blocks; FSAM three.
+  sam_difference = {"mean": -1.2, "ci_low": -4.5, "ci_high": 2.1}
+  (folder / "summary.json").write_text(json.dumps({"aggregate": [
+      record("adamw", [0, 1, 2, 3, 4]),
+      record("sam", [0, 1, 2, 3, 4], sam_difference),
+      record("fsam", [0, 1])]}))
   assert readme.comparison_headline("stsb").splitlines() == [
       "| STS-B (pearson/spearman × 100) | dev score | vs AdamW | top eigenvalue |",
       "| --- | ---: | ---: | ---: |",
       "| AdamW | 80.0 ± 0.5 |  | 576 ± 163 |",
       "| SAM (ρ 0.01) | 80.0 ± 0.5 | -1.2 [-4.5, +2.1] | 576 ± 163 |"]
+  # Three of five seeds is not complete, though one block of the arm's (seeds 0-2) is.
+  (folder / "summary.json").write_text(json.dumps({"aggregate": [
+      record("adamw", [0, 1, 2]),
+      record("sam", [0, 1, 2, 3, 4], sam_difference),
+      record("fsam", [0, 1, 2])]}))
+  assert [line.split(" |")[0] for line in
+          readme.comparison_headline("stsb").splitlines()[2:]] == ["| SAM (ρ 0.01)",
+                                                                  "| FSAM (ρ 0.01)"]
